@@ -1,0 +1,143 @@
+"""Admin endpoints on their own port: liveness, readiness, metrics, upstream state and control."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.app import GATEWAY, Gateway
+from gateway.pool import Upstream
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+def _error(status: int, error_type: str, message: str) -> web.Response:
+    return _json({"error": {"type": error_type, "message": message}}, status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready while at least one upstream is routable and the gateway is not shutting down."""
+    gw = request.app[GATEWAY]
+    routable = gw.pool.routable_count(gw.clock())
+    if gw.draining:
+        return _json({"status": "shutting_down", "routable_upstreams": routable}, 503)
+    if routable == 0:
+        return _json({"status": "no_routable_upstream", "routable_upstreams": 0}, 503)
+    return _json({"status": "ready", "routable_upstreams": routable})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body = generate_latest(request.app[GATEWAY].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _view(gw: Gateway, up: Upstream, now: float) -> dict[str, Any]:
+    h = up.health
+
+    def until(t: float | None) -> float | None:
+        # Shown as wall-clock time; kept in monotonic time internally.
+        return None if t is None or t <= now else round(gw.wall_clock() + (t - now), 3)
+
+    return {
+        "name": up.name,
+        "url": up.base_url,
+        "priority": up.priority,
+        "weight": up.weight,
+        "state": h.state(now).value,
+        "routable": h.routable(now),
+        "latency_ewma_s": round(up.latency_s, 6),
+        "inflight": up.inflight,
+        "max_inflight": up.max_inflight,
+        "consecutive_failures": h.consecutive_failures,
+        "ejection_count": h.ejection_count,
+        "ejected_until": until(h.ejected_until),
+        "cooldown_until": until(h.cooldown_until),
+        "health_check": {
+            "enabled": up.health_path is not None,
+            "path": up.health_path,
+            "passing": h.probe_healthy,
+            "consecutive_failures": h.check_failures,
+            "consecutive_successes": h.check_successes,
+        },
+        "drained": h.drained,
+    }
+
+
+async def list_upstreams(request: web.Request) -> web.Response:
+    """State of every upstream."""
+    gw = request.app[GATEWAY]
+    now = gw.clock()
+    return _json(
+        {
+            "strategy": gw.settings.strategy.value,
+            "upstreams": [_view(gw, up, now) for up in gw.pool.upstreams],
+        }
+    )
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """Recent upstream state changes, oldest first."""
+    return _json({"events": list(request.app[GATEWAY].events)})
+
+
+def _authorized(request: web.Request) -> web.Response | None:
+    token = request.app[GATEWAY].settings.admin_token
+    if token is None:
+        return _error(403, "forbidden", "admin mutations are disabled: set GATEWAY_ADMIN_TOKEN")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return _error(401, "unauthorized", "send Authorization: Bearer <GATEWAY_ADMIN_TOKEN>")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return _error(401, "unauthorized", "the admin token does not match")
+    return None
+
+
+async def _mutate(request: web.Request, drain: bool) -> web.Response:
+    denied = _authorized(request)
+    if denied is not None:
+        return denied
+    gw = request.app[GATEWAY]
+    name = request.match_info["name"]
+    up = gw.pool.by_name.get(name)
+    if up is None:
+        return _error(404, "not_found", f"no upstream named {name!r}")
+    now = gw.clock()
+    if drain:
+        gw.pool.drain(up, now)
+    else:
+        gw.pool.enable(up, now)
+    return _json(_view(gw, up, now))
+
+
+async def drain(request: web.Request) -> web.Response:
+    """Take an upstream out of rotation (in-flight requests finish)."""
+    return await _mutate(request, drain=True)
+
+
+async def enable(request: web.Request) -> web.Response:
+    """Put a drained upstream back into rotation."""
+    return await _mutate(request, drain=False)
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Register every admin route on `app`."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/upstreams", list_upstreams)
+    app.router.add_get("/admin/events", list_events)
+    app.router.add_post("/admin/upstreams/{name}/drain", drain)
+    app.router.add_post("/admin/upstreams/{name}/enable", enable)

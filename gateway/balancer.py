@@ -1,0 +1,98 @@
+"""Pick one upstream from candidates that are all equally eligible (same tier, routable).
+
+  latency         power of two choices over cost = peak-EWMA latency x (in-flight + 1) / weight;
+                  the two are drawn with probability proportional to weight.
+  round_robin     smooth weighted round robin (nginx's algorithm): even spread, weights honoured.
+  least_inflight  fewest requests in flight per unit of weight; ties broken at random.
+  priority        always the first candidate in configuration order.
+Randomness comes in as `rng`; the candidate objects carry the state these rules read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from gateway.config import Strategy
+
+
+class Candidate(Protocol):
+    """What selection reads of an upstream."""
+
+    @property
+    def weight(self) -> float: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def latency_s(self) -> float: ...
+
+    rr_current: float
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def cost(c: Candidate) -> float:
+    """Expected wait at this upstream: latency estimate times queue, per unit of weight."""
+    return c.latency_s * (c.inflight + 1) / c.weight
+
+
+def _weighted_pair(cands: Sequence[C], rng: random.Random) -> tuple[C, C]:
+    first = rng.choices(cands, weights=[c.weight for c in cands])[0]
+    rest = [c for c in cands if c is not first]
+    second = rng.choices(rest, weights=[c.weight for c in rest])[0]
+    return first, second
+
+
+def _uniform_weights(cands: Sequence[Candidate]) -> bool:
+    w = cands[0].weight
+    return all(c.weight == w for c in cands)
+
+
+def pick_p2c(cands: Sequence[C], rng: random.Random) -> C:
+    """Power of two choices: sample two, keep the cheaper."""
+    if len(cands) == 1:
+        return cands[0]
+    if len(cands) == 2 and _uniform_weights(cands):
+        a, b = cands
+    elif _uniform_weights(cands):
+        a, b = rng.sample(cands, 2)
+    else:
+        a, b = _weighted_pair(cands, rng)
+    ca, cb = cost(a), cost(b)
+    if ca == cb:
+        return a if rng.random() < 0.5 else b
+    return a if ca < cb else b
+
+
+def pick_round_robin(cands: Sequence[C]) -> C:
+    """Smooth weighted round robin; mutates each candidate's rr_current."""
+    total = 0.0
+    best = cands[0]
+    for c in cands:
+        c.rr_current += c.weight
+        total += c.weight
+        if c.rr_current > best.rr_current:
+            best = c
+    best.rr_current -= total
+    return best
+
+
+def pick_least_inflight(cands: Sequence[C], rng: random.Random) -> C:
+    """Fewest in-flight requests per weight; a random one among ties."""
+    loads = [c.inflight / c.weight for c in cands]
+    low = min(loads)
+    tied = [c for c, load in zip(cands, loads, strict=True) if load == low]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+def pick(strategy: Strategy, cands: Sequence[C], rng: random.Random) -> C:
+    """Apply `strategy` to a non-empty candidate list (in configuration order)."""
+    if strategy is Strategy.LATENCY:
+        return pick_p2c(cands, rng)
+    if strategy is Strategy.ROUND_ROBIN:
+        return pick_round_robin(cands)
+    if strategy is Strategy.LEAST_INFLIGHT:
+        return pick_least_inflight(cands, rng)
+    return cands[0]

@@ -1,0 +1,44 @@
+"""Outcome of one upstream attempt, from its status or the transport error that ended it.
+
+Rules: 2xx/3xx succeed; 429 is a rate limit (the upstream is alive, only busy); other 4xx are the
+caller's fault and say nothing bad about the upstream; 5xx, connect errors, timeouts and resets
+are failures that count toward ejection.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How one attempt ended; also the `outcome` label of gateway_upstream_requests_total."""
+
+    SUCCESS = "success"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    RATE_LIMITED = "rate_limited"
+    CONNECT_ERROR = "connect_error"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+
+
+# Failures count toward passive ejection; a 429 or a client error does not.
+FAILURES = frozenset({Outcome.HTTP_5XX, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.RESET})
+# Transport failures before response headers are always worth another upstream.
+TRANSPORT_FAILURES = frozenset({Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.RESET})
+
+
+def classify_status(status: int) -> Outcome:
+    """Classify an upstream response by its status code."""
+    if status < 400:
+        return Outcome.SUCCESS
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status < 500:
+        return Outcome.HTTP_4XX
+    return Outcome.HTTP_5XX
+
+
+def is_failure(outcome: Outcome) -> bool:
+    """True when the outcome should count toward ejecting the upstream."""
+    return outcome in FAILURES

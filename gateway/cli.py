@@ -1,0 +1,251 @@
+"""Command line: `gateway [flags]` runs the gateway, `gateway demo` runs it on two local mocks.
+
+The only module that reads the process environment (through pydantic-settings), chooses the
+event loop and installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.app import GATEWAY, create_admin_app, create_app
+from gateway.config import ConfigError, GatewaySettings, Strategy, load_settings
+
+log = logging.getLogger("gateway")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not within 0-65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gateway` argument parser; every flag overrides the matching setting."""
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description=(
+            "Failover reverse proxy for AI inference endpoints. Every flag can also be set "
+            "with a GATEWAY_* environment variable or in a YAML file (--config); flags win, "
+            "then the environment, then the file."
+        ),
+        epilog="Run 'gateway demo' to try it on two local mock upstreams (one of them flaky).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("run", "demo"),
+        default="run",
+        help="run (default): serve the configured upstreams; demo: two local mocks behind it",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML settings file (also GATEWAY_CONFIG_FILE)",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        metavar="[NAME=]URL",
+        help="an upstream base URL, optionally named; repeat for each (GATEWAY_UPSTREAMS)",
+    )
+    parser.add_argument("--host", help="address to serve the proxy on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, help="proxy port (default 8080; 0 picks a free one)")
+    parser.add_argument("--admin-host", help="address of the admin server (default 127.0.0.1)")
+    parser.add_argument("--admin-port", type=_port, help="admin port (default 9901)")
+    parser.add_argument(
+        "--strategy",
+        choices=[s.value for s in Strategy],
+        help="how to choose among healthy upstreams (default latency)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=_positive_float, metavar="SECONDS", help="TCP connect (default 2)"
+    )
+    parser.add_argument(
+        "--attempt-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="time to response headers per attempt (default 120)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="longest gap between response chunks (default 60)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="bound on all attempts before a response starts (default none)",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="active health check interval (default 10)",
+    )
+    parser.add_argument(
+        "--max-attempts", type=int, metavar="N", help="attempts per request in all (default 3)"
+    )
+    parser.add_argument("--access-log", action="store_true", default=None, help="JSON line per request")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings given on the command line, nested the way GatewaySettings expects."""
+    flat = {
+        "upstreams": args.upstream,
+        "host": args.host,
+        "port": args.port,
+        "admin_host": args.admin_host,
+        "admin_port": args.admin_port,
+        "strategy": args.strategy,
+        "access_log": args.access_log,
+        "log_level": args.log_level,
+    }
+    nested = {
+        ("timeouts", "connect_s"): args.connect_timeout,
+        ("timeouts", "attempt_s"): args.attempt_timeout,
+        ("timeouts", "idle_s"): args.idle_timeout,
+        ("timeouts", "deadline_s"): args.deadline,
+        ("health", "interval_s"): args.health_interval,
+        ("retry", "max_attempts"): args.max_attempts,
+    }
+    out: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
+    for (group, key), value in nested.items():
+        if value is not None:
+            out.setdefault(group, {})[key] = value
+    return out
+
+
+def configure_logging(level: str) -> None:
+    """Plain one-line logs on stderr; access lines are JSON already."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve(
+    settings: GatewaySettings,
+    *,
+    on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the proxy and admin apps until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
+    app = create_app(settings)
+    admin = create_admin_app(app)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,  # a client that leaves must not keep an upstream generating
+        shutdown_timeout=settings.shutdown_grace_s,
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
+    )
+    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await admin_runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        await site.start()
+        admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
+        await admin_site.start()
+        port = _bound_port(runner)
+        admin_port = _bound_port(admin_runner)
+        log.info(
+            "gateway %s serving on http://%s:%d (admin http://%s:%d), %d upstream(s): %s",
+            __version__,
+            settings.host,
+            port,
+            settings.admin_host,
+            admin_port,
+            len(settings.upstreams),
+            ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
+        )
+        if on_ready is not None:
+            result = on_ready(port, admin_port)
+            if result is not None:
+                await result
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info(
+            "shutting down: no new connections, %.0f s for in-flight requests", settings.shutdown_grace_s
+        )
+        app[GATEWAY].draining = True
+    finally:
+        # Stops accepting, waits up to shutdown_timeout for in-flight handlers, then closes.
+        await runner.cleanup()
+        await admin_runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    addresses = runner.addresses
+    return int(addresses[0][1]) if addresses else 0
+
+
+def run(coro_factory: Callable[[], Awaitable[None]]) -> None:
+    """Run on uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro_factory())  # type: ignore[arg-type]
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro_factory())  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `gateway` command."""
+    args = build_parser().parse_args(argv)
+    overrides = overrides_from_args(args)
+    config_file = args.config
+    if config_file is None and os.environ.get("GATEWAY_CONFIG_FILE"):
+        config_file = Path(os.environ["GATEWAY_CONFIG_FILE"])
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        configure_logging(overrides.get("log_level", "info"))
+        run(lambda: run_demo(overrides, config_file))
+        return
+    try:
+        settings = load_settings(overrides, config_file)
+    except ConfigError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    run(lambda: serve(settings))

@@ -1,0 +1,338 @@
+"""Gateway settings: one frozen value object built once at the edge (CLI) and passed in.
+
+Sources, highest precedence first: CLI flags (init kwargs), `GATEWAY_*` environment variables
+(nested with `__`, e.g. `GATEWAY_RETRY__MAX_ATTEMPTS=2`), an optional YAML file, defaults.
+Validation errors name the field; `describe_validation_error` turns them into one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from yarl import URL
+
+MIB = 1024 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+_NAMED_URL_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})=(.+)$")
+_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Strategy(StrEnum):
+    """How an upstream is chosen within the best priority tier."""
+
+    LATENCY = "latency"
+    ROUND_ROBIN = "round_robin"
+    LEAST_INFLIGHT = "least_inflight"
+    PRIORITY = "priority"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be loaded; the message is one line for the operator."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UpstreamSettings(_Frozen):
+    """One upstream inference endpoint."""
+
+    name: str = ""
+    url: str
+    priority: int = Field(0, ge=0, description="0 is the primary tier")
+    weight: float = Field(1.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    health_path: str | None = "/health"
+    max_inflight: int | None = Field(None, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{value!r} is not a URL ({exc}); use http://host:port[/prefix]"
+            ) from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value!r} is not an http(s) URL; use http://host:port[/prefix]")
+        if url.query_string or url.fragment:
+            raise ValueError(f"{value!r} has a query or fragment; give only scheme, host and path")
+        return str(url).rstrip("/")
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_health_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/' (or be null to disable active checks)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _expand_env(cls, value: dict[str, str]) -> dict[str, str]:
+        return {k: expand_env_refs(v, os.environ) for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _default_name(self) -> UpstreamSettings:
+        if not self.name:
+            url = URL(self.url)
+            object.__setattr__(self, "name", f"{url.host}:{url.port}")
+        elif not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"name {self.name!r} must be 1-63 letters, digits, '_', '.', ':' or '-'"
+            )
+        return self
+
+
+def expand_env_refs(value: str, env: Mapping[str, str]) -> str:
+    """Replace `${VAR}` with the variable's value so secrets stay in the environment."""
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ValueError(f"environment variable {name} is not set (referenced as ${{{name}}})")
+        return env[name]
+
+    return _ENV_REF_RE.sub(sub, value)
+
+
+def parse_upstream_spec(spec: str) -> dict[str, Any]:
+    """Parse `[NAME=]URL` as given to `--upstream` or in a comma-separated list."""
+    spec = spec.strip()
+    match = _NAMED_URL_RE.match(spec)
+    if match and "://" in match.group(2):
+        return {"name": match.group(1), "url": match.group(2)}
+    return {"url": spec}
+
+
+class TimeoutSettings(_Frozen):
+    """Timeouts of one proxied request. No total timeout: streams may run as long as they flow."""
+
+    # A refused or blackholed upstream should fail over fast; a healthy one connects in ms.
+    connect_s: float = Field(2.0, gt=0)
+    # Time to response headers per attempt. A non-streaming completion sends headers only after
+    # the whole generation, so this must cover a long generation on a busy server.
+    attempt_s: float = Field(120.0, gt=0)
+    # Longest silence between two response chunks once the response has started.
+    idle_s: float = Field(60.0, gt=0)
+    # Optional bound on everything before the response starts (all attempts and backoff).
+    deadline_s: float | None = Field(None, gt=0)
+    # Clients may lower the deadline per request with this header (seconds).
+    deadline_header: str = "X-Gateway-Timeout"
+
+
+class RetrySettings(_Frozen):
+    """When and how often a failed attempt is tried again on another upstream."""
+
+    max_attempts: int = Field(3, ge=1, le=10)
+    on_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    # Retries may be at most this share of requests in flight (Envoy's retry budget) ...
+    budget_ratio: float = Field(0.2, ge=0, le=1)
+    # ... but this many concurrent retries are always allowed.
+    budget_min_concurrency: int = Field(3, ge=0)
+    # A body up to this size is buffered so it can be replayed; larger ones stream once.
+    replay_buffer_bytes: int = Field(16 * MIB, ge=0)
+    # Cap on all buffered bodies together, so a burst of large prompts cannot exhaust memory.
+    total_replay_buffer_bytes: int = Field(256 * MIB, ge=0)
+
+    @field_validator("on_statuses")
+    @classmethod
+    def _check_statuses(cls, value: frozenset[int]) -> frozenset[int]:
+        bad = sorted(s for s in value if not 400 <= s <= 599)
+        if bad:
+            raise ValueError(f"only 4xx/5xx statuses can be retried, got {bad}")
+        return value
+
+
+class HealthSettings(_Frozen):
+    """Active health checks: a cheap GET of each upstream's health path."""
+
+    interval_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+    jitter_ratio: float = Field(0.1, ge=0, le=1)
+    unhealthy_threshold: int = Field(3, ge=1)
+    healthy_threshold: int = Field(2, ge=1)
+
+
+class OutlierSettings(_Frozen):
+    """Passive ejection on consecutive failures, and cooldown after 429 (Envoy's scheme)."""
+
+    consecutive_failures: int = Field(3, ge=1)
+    base_ejection_s: float = Field(30.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    rate_limit_cooldown_s: float = Field(5.0, ge=0)
+    max_rate_limit_cooldown_s: float = Field(60.0, ge=0)
+
+
+def _parse_upstreams(value: Any) -> Any:
+    """Accept a JSON list, a comma-separated `[NAME=]URL` list, or a list of either."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        else:
+            value = [part for part in text.split(",") if part.strip()]
+    if isinstance(value, list):
+        return [parse_upstream_spec(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway needs to run; frozen once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    upstreams: Annotated[list[UpstreamSettings], NoDecode] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(9901, ge=0, le=65535)
+    strategy: Strategy = Strategy.LATENCY
+    timeouts: TimeoutSettings = TimeoutSettings()
+    retry: RetrySettings = RetrySettings()
+    health: HealthSettings = HealthSettings()
+    outlier: OutlierSettings = OutlierSettings()
+    # Peak-EWMA decay window and the estimate a new or recovered upstream starts from.
+    ewma_decay_s: float = Field(10.0, gt=0)
+    ewma_default_s: float = Field(0.05, gt=0)
+    admin_token: SecretStr | None = None
+    access_log: bool = False
+    log_level: str = "info"
+    # SIGTERM: stop accepting, then give in-flight requests this long to finish.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # Idle keep-alive connections to upstreams are closed after this long; below the common 5 s
+    # server keep-alive (uvicorn, vLLM), so we rarely reuse a connection the server is closing.
+    upstream_keepalive_s: float = Field(4.0, ge=0)
+    # Largest request header line and field the gateway accepts (aiohttp's default is 8190).
+    max_header_bytes: int = Field(32768, ge=1024)
+    events_kept: int = Field(200, ge=1)
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _split_upstreams(cls, value: Any) -> Any:
+        return _parse_upstreams(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"{value!r} is not one of debug, info, warning, error")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> GatewaySettings:
+        if not self.upstreams:
+            raise ValueError(
+                "no upstreams configured; pass --upstream URL (repeatable) or set GATEWAY_UPSTREAMS"
+            )
+        seen: set[str] = set()
+        for up in self.upstreams:
+            if up.name in seen:
+                raise ValueError(
+                    f"duplicate upstream name {up.name!r}; give each a unique name (NAME=URL)"
+                )
+            seen.add(up.name)
+        if self.outlier.max_ejection_s < self.outlier.base_ejection_s:
+            raise ValueError("outlier.max_ejection_s must be >= outlier.base_ejection_s")
+        return self
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Settings from a YAML mapping, below environment variables in precedence."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, or raise ConfigError with a one-line reason."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path}: not valid YAML: {reason}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of settings")
+    return data
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None, config_file: Path | None = None
+) -> GatewaySettings:
+    """Build settings from overrides (CLI), environment and YAML; raise ConfigError if invalid."""
+    yaml_data = read_yaml_config(config_file) if config_file else {}
+
+    class _Settings(GatewaySettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _YamlSource(settings_cls, yaml_data))
+
+    try:
+        built = _Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    # Return the plain class so the object compares and pickles like any other settings.
+    return GatewaySettings.model_construct(**dict(built))
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field (as its env variable too) and what is wrong."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) if loc else "settings"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        hint = ""
+        if loc and not loc[0].isdigit() and loc[0] != "upstreams":
+            env = "GATEWAY_" + "__".join(p.upper() for p in loc if not p.isdigit())
+            hint = f" (set via {env})"
+        parts.append(f"{field}: {message}{hint}" if loc else message)
+    return "invalid configuration: " + "; ".join(parts)

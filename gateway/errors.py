@@ -1,0 +1,52 @@
+"""Errors the gateway answers itself, each with its HTTP status and JSON `type`."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class GatewayError(Exception):
+    """Root of the gateway's own errors; `status` and `error_type` shape the JSON response."""
+
+    status = 502
+    error_type = "gateway_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class NoUpstreamAvailable(GatewayError):
+    """No upstream could take the request (all drained, failing, or at max_inflight)."""
+
+    status = 503
+    error_type = "no_upstream_available"
+
+
+class UpstreamUnavailable(GatewayError):
+    """Every attempt failed to connect or was reset before response headers."""
+
+    status = 502
+    error_type = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError, asyncio.TimeoutError):
+    """The last attempt got no response headers within its timeout."""
+
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class DeadlineExceeded(GatewayError, asyncio.TimeoutError):
+    """The request's overall deadline passed before any response started."""
+
+    status = 504
+    error_type = "deadline_exceeded"
+
+
+class BadRequest(GatewayError):
+    """The client's request cannot be forwarded as sent."""
+
+    status = 400
+    error_type = "invalid_request"

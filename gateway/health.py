@@ -1,0 +1,87 @@
+"""Active health checks: a cheap GET of each upstream's health path, never an inference call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import HealthSettings
+from gateway.metrics import GatewayMetrics
+from gateway.pool import Pool, Upstream
+
+log = logging.getLogger(__name__)
+
+# How often time-based state changes (an ejection or cooldown running out) are noticed, so
+# they are logged and counted close to when they happen, even with no traffic.
+REFRESH_INTERVAL_S = 1.0
+
+
+class HealthProber:
+    """Runs one check loop per upstream that has a health path, plus a state refresh loop."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        session: aiohttp.ClientSession,
+        settings: HealthSettings,
+        metrics: GatewayMetrics,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self._pool = pool
+        self._session = session
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start the loops on the running event loop."""
+        for up in self._pool.upstreams:
+            if up.health_path is not None:
+                self._tasks.append(asyncio.create_task(self._loop(up), name=f"health:{up.name}"))
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="health:refresh"))
+
+    async def stop(self) -> None:
+        """Cancel the loops and wait for them to end."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def check(self, up: Upstream) -> bool:
+        """One check: True for a 2xx answer within the timeout."""
+        assert up.health_path is not None
+        url = URL(up.base_url + up.health_path, encoded=True)
+        try:
+            async with self._session.get(
+                url, headers=up.headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.debug("health check of %s failed: %r", up.name, exc)
+            return False
+
+    async def _loop(self, up: Upstream) -> None:
+        interval = self._settings.interval_s
+        jitter = self._settings.jitter_ratio
+        while True:
+            ok = await self.check(up)
+            self._metrics.per_upstream[up.name].checks[ok].inc()
+            self._pool.record_check(up, ok, self._clock())
+            # Jitter spreads the checks of many gateway replicas over the interval.
+            await asyncio.sleep(interval * (1 + self._rng.uniform(-jitter, jitter)))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+            self._pool.refresh(self._clock())

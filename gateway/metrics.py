@@ -1,0 +1,170 @@
+"""Every Prometheus collector of the gateway, on an injected registry.
+
+Per-upstream children are bound once at start-up so the request path never looks up labels.
+Gauges that mirror pool state (healthy, in flight, EWMA, state) are read at scrape time by a
+custom collector instead of being updated on every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.classify import Outcome
+from gateway.outlier import State
+from gateway.pool import Pool
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Transitions into these states count as an ejection, labelled by what caused it.
+EJECTION_REASONS = {
+    State.EJECTED: "consecutive_failures",
+    State.UNHEALTHY: "health_check",
+    State.COOLING_DOWN: "rate_limited",
+    State.DRAINED: "drained",
+}
+
+
+class UpstreamMetrics:
+    """Label children of one upstream, bound once."""
+
+    __slots__ = ("checks", "ejections", "outcomes", "stream_aborts", "ttfb")
+
+    def __init__(self, m: GatewayMetrics, name: str) -> None:
+        self.outcomes = {o: m.upstream_requests.labels(name, o.value) for o in Outcome}
+        self.ttfb = m.upstream_ttfb.labels(name)
+        self.stream_aborts = m.stream_aborts.labels(name)
+        self.ejections = {s: m.ejections.labels(name, r) for s, r in EJECTION_REASONS.items()}
+        self.checks = {ok: m.health_checks.labels(name, "pass" if ok else "fail") for ok in (1, 0)}
+
+
+class GatewayMetrics:
+    """All gateway collectors, registered on `registry`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        pool: Pool,
+        clock: Callable[[], float],
+        requests_in_flight: Callable[[], int],
+    ) -> None:
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by status code.", ["code"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request received to response complete.",
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests",
+            "Attempts sent to upstreams, by how they ended.",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self.upstream_ttfb = Histogram(
+            "gateway_upstream_ttfb_seconds",
+            "Time from attempt start to upstream response headers.",
+            ["upstream"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "gateway_retries",
+            "Retries started, by the outcome that caused them.",
+            ["reason"],
+            registry=registry,
+        )
+        self.retries_skipped = Counter(
+            "gateway_retries_skipped",
+            "Retryable failures not retried, by why (budget_exhausted, body_not_replayable, ...).",
+            ["reason"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "gateway_upstream_ejections",
+            "Times an upstream was taken out of rotation, by cause.",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.stream_aborts = Counter(
+            "gateway_stream_aborts",
+            "Responses cut off after they started because the upstream failed mid-body.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.health_checks = Counter(
+            "gateway_health_checks",
+            "Active health checks, by result (pass or fail).",
+            ["upstream", "result"],
+            registry=registry,
+        )
+        self.panic = Counter(
+            "gateway_panic_selections",
+            "Attempts sent to an unroutable upstream because no upstream was routable.",
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Requests abandoned by the client before the response was complete.",
+            registry=registry,
+        )
+        self.per_upstream = {u.name: UpstreamMetrics(self, u.name) for u in pool.upstreams}
+        self._codes: dict[int, Counter] = {}
+        registry.register(PoolCollector(pool, clock, requests_in_flight))
+
+    def count_request(self, status: int, duration_s: float) -> None:
+        """Count one answered request."""
+        child = self._codes.get(status)
+        if child is None:
+            child = self._codes[status] = self.requests.labels(str(status))
+        child.inc()
+        self.request_duration.observe(duration_s)
+
+
+class PoolCollector(Collector):
+    """Pool state read at scrape time."""
+
+    def __init__(self, pool: Pool, clock: Callable[[], float], requests_in_flight: Callable[[], int]) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._requests_in_flight = requests_in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the live gauges of every upstream."""
+        # Scrapes run on the event loop thread, so reading pool state here is consistent.
+        now = self._clock()
+        healthy = GaugeMetricFamily(
+            "gateway_upstream_healthy", "1 while the upstream is routable.", labels=["upstream"]
+        )
+        inflight = GaugeMetricFamily(
+            "gateway_upstream_inflight", "Requests in flight to the upstream.", labels=["upstream"]
+        )
+        ewma = GaugeMetricFamily(
+            "gateway_upstream_latency_ewma_seconds",
+            "Peak-EWMA time-to-headers estimate used for selection.",
+            labels=["upstream"],
+        )
+        state = GaugeMetricFamily(
+            "gateway_upstream_state",
+            "1 for the upstream's current state, 0 for the others.",
+            labels=["upstream", "state"],
+        )
+        routable = 0
+        for up in self._pool.upstreams:
+            current = up.health.state(now)
+            routable += current is State.HEALTHY
+            healthy.add_metric([up.name], 1.0 if current is State.HEALTHY else 0.0)
+            inflight.add_metric([up.name], up.inflight)
+            ewma.add_metric([up.name], up.latency_s)
+            for s in State:
+                state.add_metric([up.name, s.value], 1.0 if s is current else 0.0)
+        total = GaugeMetricFamily("gateway_routable_upstreams", "Upstreams normal selection can use now.")
+        total.add_metric([], routable)
+        active = GaugeMetricFamily("gateway_requests_in_flight", "Requests being served now.")
+        active.add_metric([], self._requests_in_flight())
+        yield from (healthy, inflight, ewma, state, total, active)

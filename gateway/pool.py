@@ -1,0 +1,199 @@
+"""The upstream pool: which upstream serves the next attempt, and what each outcome teaches us.
+
+Selection, in order:
+  1. Routable upstreams (healthy, not drained, below max_inflight), preferring ones this request
+     has not tried yet; among them the lowest priority tier; within it, the configured strategy.
+  2. Panic mode when none is routable: try the non-drained upstreams anyway, soonest available
+     first, since a probably-broken upstream beats a certain error. A request never panics into an
+     upstream it already tried, and max_inflight is never exceeded.
+Outcomes feed the health state machine (outlier.py) and the peak-EWMA latency estimate. Failures are
+folded in as at least FAILURE_PENALTY_S so a fast-failing upstream never looks fast; 429s are not
+folded in at all. A newly recovered upstream restarts from a neutral estimate so it earns traffic.
+Pure: time and randomness come in as arguments; state changes go out through `on_transition`.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable, Collection
+from typing import NamedTuple
+
+from gateway.balancer import cost, pick
+from gateway.classify import Outcome, is_failure
+from gateway.config import GatewaySettings, UpstreamSettings
+from gateway.ewma import PeakEwma
+from gateway.outlier import State, Transition, UpstreamHealth
+
+FAILURE_PENALTY_S = 1.0
+
+
+class Upstream:
+    """One upstream's configuration and live state."""
+
+    __slots__ = (
+        "base_url",
+        "ewma",
+        "headers",
+        "health",
+        "health_path",
+        "index",
+        "inflight",
+        "max_inflight",
+        "name",
+        "priority",
+        "rr_current",
+        "weight",
+    )
+
+    def __init__(
+        self, index: int, cfg: UpstreamSettings, settings: GatewaySettings, now: float
+    ) -> None:
+        self.index = index
+        self.name = cfg.name
+        self.base_url = cfg.url
+        self.priority = cfg.priority
+        self.weight = cfg.weight
+        self.max_inflight = cfg.max_inflight
+        self.headers = tuple(cfg.headers.items())
+        self.health_path = cfg.health_path
+        self.health = UpstreamHealth(settings.outlier, settings.health)
+        self.ewma = PeakEwma(settings.ewma_decay_s, settings.ewma_default_s, now)
+        self.inflight = 0
+        self.rr_current = 0.0
+
+    @property
+    def latency_s(self) -> float:
+        """Current peak-EWMA time-to-headers estimate."""
+        return self.ewma.value
+
+    @property
+    def has_capacity(self) -> bool:
+        """False while max_inflight requests are already in flight here."""
+        return self.max_inflight is None or self.inflight < self.max_inflight
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r})"
+
+
+class Choice(NamedTuple):
+    """The upstream for the next attempt, and whether it was picked in panic mode."""
+
+    upstream: Upstream
+    panic: bool
+
+
+TransitionListener = Callable[[Upstream, Transition, float], None]
+
+
+class Pool:
+    """All upstreams of one gateway, and the policy that picks among them."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        now: float,
+        on_transition: TransitionListener | None = None,
+    ) -> None:
+        self.strategy = settings.strategy
+        self._default_latency_s = settings.ewma_default_s
+        self.upstreams: tuple[Upstream, ...] = tuple(
+            Upstream(i, cfg, settings, now) for i, cfg in enumerate(settings.upstreams)
+        )
+        self.by_name = {u.name: u for u in self.upstreams}
+        self._on_transition = on_transition
+
+    def choose(
+        self, now: float, rng: random.Random, tried: Collection[Upstream] = ()
+    ) -> Choice | None:
+        """Pick the upstream for the next attempt, or None when nothing can take it."""
+        healthy = [u for u in self.upstreams if u.health.routable(now)]
+        if healthy:
+            open_ = [u for u in healthy if u.has_capacity]
+            if not open_:
+                return None  # all healthy ones are full: shed load rather than panic
+            fresh = [u for u in open_ if u not in tried] if tried else open_
+            eligible = fresh or open_
+            tier = min(u.priority for u in eligible)
+            cands = [u for u in eligible if u.priority == tier]
+            return Choice(pick(self.strategy, cands, rng), False)
+        return self._panic_choice(now, tried)
+
+    def _panic_choice(self, now: float, tried: Collection[Upstream]) -> Choice | None:
+        cands = [
+            u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried
+        ]
+        if not cands:
+            return None
+        best = min(cands, key=lambda u: (u.health.available_at(now), u.priority, cost(u)))
+        return Choice(best, True)
+
+    def record(
+        self,
+        up: Upstream,
+        outcome: Outcome,
+        now: float,
+        latency_s: float,
+        retry_after_s: float | None = None,
+    ) -> None:
+        """Fold one attempt's outcome into the upstream's health and latency estimate."""
+        if outcome is not Outcome.RATE_LIMITED:
+            sample = max(latency_s, FAILURE_PENALTY_S) if is_failure(outcome) else latency_s
+            up.ewma.observe(sample, now)
+        self._notify(up, up.health.record(outcome, now, retry_after_s), now)
+
+    def record_check(self, up: Upstream, ok: bool, now: float) -> None:
+        """Fold one active health check into the upstream's health."""
+        self._notify(up, up.health.record_check(ok, now), now)
+
+    def drain(self, up: Upstream, now: float) -> None:
+        """Take `up` out of rotation (operator action)."""
+        self._notify(up, up.health.drain(now), now)
+
+    def enable(self, up: Upstream, now: float) -> None:
+        """Put a drained upstream back."""
+        self._notify(up, up.health.enable(now), now)
+
+    def refresh(self, now: float) -> None:
+        """Emit transitions that happened by time alone (ejections and cooldowns ending)."""
+        for up in self.upstreams:
+            self._notify(up, up.health.refresh(now), now)
+
+    def routable_count(self, now: float) -> int:
+        """How many upstreams normal selection could use now."""
+        return sum(1 for u in self.upstreams if u.health.routable(now))
+
+    def retry_after_s(self, now: float) -> float | None:
+        """Seconds until some upstream is routable again by itself, if that is known."""
+        soonest = min(u.health.available_at(now) for u in self.upstreams)
+        if soonest == float("inf"):
+            return None
+        return max(0.0, soonest - now)
+
+    def describe_unavailable(self, now: float) -> str:
+        """Why no upstream could take a request, for the error message."""
+        counts: dict[str, int] = {}
+        full = 0
+        for u in self.upstreams:
+            state = u.health.state(now)
+            counts[state] = counts.get(state, 0) + 1
+            if state is State.HEALTHY and not u.has_capacity:
+                full += 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        if full:
+            summary += f"; {full} at max_inflight"
+        return f"0 of {len(self.upstreams)} upstreams can take the request ({summary})"
+
+    def _neutral_latency_s(self, exclude: Upstream, now: float) -> float:
+        others = [
+            u.latency_s for u in self.upstreams if u is not exclude and u.health.routable(now)
+        ]
+        return statistics.median(others) if others else self._default_latency_s
+
+    def _notify(self, up: Upstream, change: Transition | None, now: float) -> None:
+        if change is None:
+            return
+        if change.after is State.HEALTHY and change.before is not State.COOLING_DOWN:
+            up.ewma.reset(self._neutral_latency_s(up, now), now)
+        if self._on_transition is not None:
+            self._on_transition(up, change, now)
