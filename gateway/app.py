@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway.budget import RetryGate
 from gateway.config import GatewaySettings
 from gateway.health import HealthProber
 from gateway.metrics import EJECTION_REASONS, GatewayMetrics
@@ -49,6 +50,7 @@ class Gateway:
         self.events: deque[dict[str, Any]] = deque(maxlen=settings.events_kept)
         self.pool = Pool(settings, clock(), self._on_transition)
         self.budget = RetryBudget(settings.retry.budget_ratio, settings.retry.budget_min_concurrency)
+        self.retry_gate = RetryGate(self.budget)
         self.metrics = GatewayMetrics(registry, self.pool, clock, lambda: self.budget.active_requests)
         self.draining = False
         self._proxy: Proxy | None = None
@@ -80,7 +82,7 @@ class Gateway:
             self.pool,
             session,
             self.metrics,
-            self.budget,
+            self.retry_gate,
             clock=self.clock,
             wall_clock=self.wall_clock,
             rng=self.rng,

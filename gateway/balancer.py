@@ -1,7 +1,8 @@
 """Pick one upstream from candidates that are all equally eligible (same tier, routable).
 
   latency         power of two choices over cost = peak-EWMA latency x (in-flight + 1) / weight;
-                  the two are drawn with probability proportional to weight.
+                  the two are drawn with probability proportional to weight; costs within
+                  TIE_TOLERANCE of each other are a tie, broken at random.
   round_robin     smooth weighted round robin (nginx's algorithm): even spread, weights honoured.
   least_inflight  fewest requests in flight per unit of weight; ties broken at random.
   priority        always the first candidate in configuration order.
@@ -26,15 +27,27 @@ class Candidate(Protocol):
     def inflight(self) -> int: ...
     @property
     def latency_s(self) -> float: ...
+    @property
+    def measured(self) -> bool: ...
 
     rr_current: float
 
 
 C = TypeVar("C", bound=Candidate)
 
+# Costs this close are noise, not signal: pick at random so equally fast upstreams share traffic
+# instead of one winning every sequential request on a lucky first sample.
+TIE_TOLERANCE = 0.1
+
 
 def cost(c: Candidate) -> float:
-    """Expected wait at this upstream: latency estimate times queue, per unit of weight."""
+    """Expected wait at this upstream: latency estimate times queue, per unit of weight.
+
+    An upstream with no measurement yet (new or just recovered) costs nothing while it has nothing
+    in flight, so it is probed at once; further requests see its prior, so it is not flooded.
+    """
+    if not c.measured and c.inflight == 0:
+        return 0.0
     return c.latency_s * (c.inflight + 1) / c.weight
 
 
@@ -61,7 +74,7 @@ def pick_p2c(cands: Sequence[C], rng: random.Random) -> C:
     else:
         a, b = _weighted_pair(cands, rng)
     ca, cb = cost(a), cost(b)
-    if ca == cb:
+    if abs(ca - cb) <= TIE_TOLERANCE * max(ca, cb):
         return a if rng.random() < 0.5 else b
     return a if ca < cb else b
 

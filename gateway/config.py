@@ -73,9 +73,7 @@ class UpstreamSettings(_Frozen):
         try:
             url = URL(value)
         except (ValueError, TypeError) as exc:
-            raise ValueError(
-                f"{value!r} is not a URL ({exc}); use http://host:port[/prefix]"
-            ) from None
+            raise ValueError(f"{value!r} is not a URL ({exc}); use http://host:port[/prefix]") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"{value!r} is not an http(s) URL; use http://host:port[/prefix]")
         if url.query_string or url.fragment:
@@ -100,9 +98,7 @@ class UpstreamSettings(_Frozen):
             url = URL(self.url)
             object.__setattr__(self, "name", f"{url.host}:{url.port}")
         elif not _NAME_RE.match(self.name):
-            raise ValueError(
-                f"name {self.name!r} must be 1-63 letters, digits, '_', '.', ':' or '-'"
-            )
+            raise ValueError(f"name {self.name!r} must be 1-63 letters, digits, '_', '.', ':' or '-'")
         return self
 
 
@@ -152,6 +148,8 @@ class RetrySettings(_Frozen):
     budget_ratio: float = Field(0.2, ge=0, le=1)
     # ... but this many concurrent retries are always allowed.
     budget_min_concurrency: int = Field(3, ge=0)
+    # A retry over budget waits this long for a slot before the request gives up (see budget.py).
+    budget_wait_s: float = Field(1.0, ge=0)
     # A body up to this size is buffered so it can be replayed; larger ones stream once.
     replay_buffer_bytes: int = Field(16 * MIB, ge=0)
     # Cap on all buffered bodies together, so a burst of large prompts cannot exhaust memory.
@@ -258,9 +256,7 @@ class GatewaySettings(BaseSettings):
         seen: set[str] = set()
         for up in self.upstreams:
             if up.name in seen:
-                raise ValueError(
-                    f"duplicate upstream name {up.name!r}; give each a unique name (NAME=URL)"
-                )
+                raise ValueError(f"duplicate upstream name {up.name!r}; give each a unique name (NAME=URL)")
             seen.add(up.name)
         if self.outlier.max_ejection_s < self.outlier.base_ejection_s:
             raise ValueError("outlier.max_ejection_s must be >= outlier.base_ejection_s")
@@ -331,7 +327,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = ".".join(loc) if loc else "settings"
         message = str(err["msg"]).removeprefix("Value error, ")
         hint = ""
-        if loc and not loc[0].isdigit() and loc[0] != "upstreams":
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting; check its spelling against `gateway --help` and the README"
+        elif loc and not loc[0].isdigit() and loc[0] != "upstreams":
             env = "GATEWAY_" + "__".join(p.upper() for p in loc if not p.isdigit())
             hint = f" (set via {env})"
         parts.append(f"{field}: {message}{hint}" if loc else message)

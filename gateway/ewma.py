@@ -3,6 +3,9 @@
 A sample above the estimate replaces it at once (peak), so an upstream that turns slow is avoided
 immediately; a lower sample pulls it down with weight 1 - exp(-elapsed / decay_s), so a recovered
 upstream earns traffic back over about decay_s seconds, however many requests it serves.
+While no sample arrives the estimate also decays toward zero (`decay`, applied when the balancer
+reads it), as in tower's PeakEwma: an idle upstream gets cheaper until it wins a request again.
+After `reset` the estimate is only a prior: the first real sample replaces it (`measured`).
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ import math
 class PeakEwma:
     """A decaying latency estimate in seconds; `now` is monotonic seconds, passed in."""
 
-    __slots__ = ("decay_s", "stamp", "value")
+    __slots__ = ("decay_s", "measured", "stamp", "value")
 
     def __init__(self, decay_s: float, initial_s: float, now: float) -> None:
         self.decay_s = decay_s
         self.value = initial_s
         self.stamp = now
+        self.measured = False
 
     def observe(self, sample_s: float, now: float) -> None:
         """Fold one latency sample into the estimate."""
-        if sample_s >= self.value:
+        if not self.measured or sample_s >= self.value:
+            self.measured = True
             self.value = sample_s
         else:
             elapsed = now - self.stamp
@@ -30,7 +35,16 @@ class PeakEwma:
             self.value = self.value * weight + sample_s * (1.0 - weight)
         self.stamp = now
 
+    def decay(self, now: float) -> float:
+        """Let the estimate decay toward zero for the time since the last update; returns it."""
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.value *= math.exp(-elapsed / self.decay_s)
+            self.stamp = now
+        return self.value
+
     def reset(self, value_s: float, now: float) -> None:
-        """Start again from a neutral estimate (new or recovered upstream)."""
+        """Start again from a prior (new or recovered upstream) until the next sample."""
         self.value = value_s
         self.stamp = now
+        self.measured = False

@@ -55,11 +55,7 @@ def upstream_request_headers(
     static: Iterable[tuple[str, str]],
 ) -> CIMultiDict[str]:
     """Headers to send upstream: the client's minus hop-by-hop, plus forwarding and static ones."""
-    drop = (
-        _REQUEST_OWNED | _connection_tokens(incoming)
-        if "Connection" in incoming
-        else _REQUEST_OWNED
-    )
+    drop = _REQUEST_OWNED | _connection_tokens(incoming) if "Connection" in incoming else _REQUEST_OWNED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop:
@@ -77,11 +73,7 @@ def upstream_request_headers(
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to send back to the client: the upstream's minus hop-by-hop and framing."""
-    drop = (
-        _RESPONSE_OWNED | _connection_tokens(upstream)
-        if "Connection" in upstream
-        else _RESPONSE_OWNED
-    )
+    drop = _RESPONSE_OWNED | _connection_tokens(upstream) if "Connection" in upstream else _RESPONSE_OWNED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:

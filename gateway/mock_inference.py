@@ -95,9 +95,7 @@ _FLOAT_BOUNDS: Final[dict[str, tuple[float, float]]] = {
 }
 
 # (request, behaviour, parsed JSON object ({} for /echo), raw body) -> response
-_Answer = Callable[
-    [web.Request, MockBehaviour, dict[str, Any], bytes], Awaitable[web.StreamResponse]
-]
+_Answer = Callable[[web.Request, MockBehaviour, dict[str, Any], bytes], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, behaviour: MockBehaviour, status: int = 200) -> web.Response:
@@ -186,9 +184,7 @@ async def _guarded(answer: _Answer, parse_json: bool, request: web.Request) -> w
     return resp
 
 
-async def _send_json(
-    request: web.Request, behaviour: MockBehaviour, data: Any
-) -> web.StreamResponse:
+async def _send_json(request: web.Request, behaviour: MockBehaviour, data: Any) -> web.StreamResponse:
     if behaviour.drop_after_chunks is None:
         return _json(data, behaviour)
     body = orjson.dumps(data)
@@ -271,14 +267,12 @@ async def _answer_completion(
             if deltas:
                 deltas[0] = {"role": "assistant", "content": tokens[0]}
             chunks = [
-                _sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]})
-                for d in deltas
+                _sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in deltas
             ]
             last = {"index": 0, "delta": {}, "finish_reason": "stop"}
         else:
             chunks = [
-                _sse({**base, "choices": [{"index": 0, "text": t, "finish_reason": None}]})
-                for t in tokens
+                _sse({**base, "choices": [{"index": 0, "text": t, "finish_reason": None}]}) for t in tokens
             ]
             last = {"index": 0, "text": "", "finish_reason": "stop"}
         return await _send_stream(request, behaviour, chunks, _sse({**base, "choices": [last]}))
@@ -307,8 +301,7 @@ async def _answer_embeddings(
         msg = "'input' must be a string or a non-empty list of strings"
         return _error(behaviour, 400, "invalid_request_error", msg, "input")
     data = [
-        {"object": "embedding", "index": i, "embedding": _embedding(text)}
-        for i, text in enumerate(items)
+        {"object": "embedding", "index": i, "embedding": _embedding(text)} for i, text in enumerate(items)
     ]
     tokens = sum(max(1, len(text) // 4) for text in items)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -410,9 +403,7 @@ async def _stats(request: web.Request) -> web.Response:
     return _json(request.app[MOCK_STATS].to_json(), request.app[MOCK_BEHAVIOUR])
 
 
-def create_mock_app(
-    behaviour: MockBehaviour | None = None, *, seed: int | None = None
-) -> web.Application:
+def create_mock_app(behaviour: MockBehaviour | None = None, *, seed: int | None = None) -> web.Application:
     """Build the mock inference aiohttp application."""
     app = web.Application()
     app[MOCK_BEHAVIOUR] = behaviour if behaviour is not None else MockBehaviour()
@@ -487,9 +478,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="TCP port to bind (0 = any free port)")
     for flag, key, convert, metavar, text in _CLI_KNOBS:
         default = getattr(defaults, key)
-        p.add_argument(
-            flag, dest=key, type=_arg(key, convert), default=default, metavar=metavar, help=text
-        )
+        p.add_argument(flag, dest=key, type=_arg(key, convert), default=default, metavar=metavar, help=text)
     p.add_argument("--hang", action="store_true", help="never answer inference requests")
     p.add_argument("--unhealthy", action="store_true", help="answer GET /health with 503")
     p.add_argument("--seed", type=int, default=None, help="seed for error/rate-limit draws")

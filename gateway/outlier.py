@@ -100,9 +100,7 @@ class UpstreamHealth:
         ends = [t for t in (self.ejected_until, self.cooldown_until) if t is not None and t > now]
         return max(ends) if ends else now
 
-    def record(
-        self, outcome: Outcome, now: float, retry_after_s: float | None = None
-    ) -> Transition | None:
+    def record(self, outcome: Outcome, now: float, retry_after_s: float | None = None) -> Transition | None:
         """Account one attempt's outcome."""
         if outcome is Outcome.RATE_LIMITED:
             wanted = self._outlier.rate_limit_cooldown_s if retry_after_s is None else retry_after_s
@@ -118,14 +116,13 @@ class UpstreamHealth:
             if outcome is Outcome.SUCCESS:
                 self.cooldown_until = None
             return self._settle(now, reason)
+        if self.ejected_until is not None and now < self.ejected_until:
+            # Already out (panic-mode traffic): failures now must not pre-load the next ejection.
+            return self._settle(now, f"failure while ejected ({outcome})")
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self._outlier.consecutive_failures and not (
-            self.ejected_until is not None and now < self.ejected_until
-        ):
+        if self.consecutive_failures >= self._outlier.consecutive_failures:
             self._eject(now)
-            return self._settle(
-                now, f"{self._outlier.consecutive_failures} consecutive failures ({outcome})"
-            )
+            return self._settle(now, f"{self._outlier.consecutive_failures} consecutive failures ({outcome})")
         return self._settle(now, f"failure ({outcome})")
 
     def record_check(self, ok: bool, now: float) -> Transition | None:
@@ -168,9 +165,7 @@ class UpstreamHealth:
         quiet = max(0.0, now - self.last_ejection_end)
         decayed = max(0, self.ejection_count - int(quiet // self._outlier.base_ejection_s))
         self.ejection_count = decayed + 1
-        duration = min(
-            self._outlier.base_ejection_s * self.ejection_count, self._outlier.max_ejection_s
-        )
+        duration = min(self._outlier.base_ejection_s * self.ejection_count, self._outlier.max_ejection_s)
         self.ejected_until = now + duration
         self.last_ejection_end = self.ejected_until
         self.consecutive_failures = 0

@@ -8,7 +8,8 @@ Selection, in order:
      upstream it already tried, and max_inflight is never exceeded.
 Outcomes feed the health state machine (outlier.py) and the peak-EWMA latency estimate. Failures are
 folded in as at least FAILURE_PENALTY_S so a fast-failing upstream never looks fast; 429s are not
-folded in at all. A newly recovered upstream restarts from a neutral estimate so it earns traffic.
+folded in at all. An upstream that becomes routable again restarts from a neutral estimate (the
+median of the others) so it earns traffic instead of carrying a stale failure penalty.
 Pure: time and randomness come in as arguments; state changes go out through `on_transition`.
 """
 
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 from gateway.balancer import cost, pick
 from gateway.classify import Outcome, is_failure
-from gateway.config import GatewaySettings, UpstreamSettings
+from gateway.config import GatewaySettings, Strategy, UpstreamSettings
 from gateway.ewma import PeakEwma
 from gateway.outlier import State, Transition, UpstreamHealth
 
@@ -46,9 +47,7 @@ class Upstream:
         "weight",
     )
 
-    def __init__(
-        self, index: int, cfg: UpstreamSettings, settings: GatewaySettings, now: float
-    ) -> None:
+    def __init__(self, index: int, cfg: UpstreamSettings, settings: GatewaySettings, now: float) -> None:
         self.index = index
         self.name = cfg.name
         self.base_url = cfg.url
@@ -66,6 +65,11 @@ class Upstream:
     def latency_s(self) -> float:
         """Current peak-EWMA time-to-headers estimate."""
         return self.ewma.value
+
+    @property
+    def measured(self) -> bool:
+        """False until the first latency sample after start or recovery."""
+        return self.ewma.measured
 
     @property
     def has_capacity(self) -> bool:
@@ -103,9 +107,7 @@ class Pool:
         self.by_name = {u.name: u for u in self.upstreams}
         self._on_transition = on_transition
 
-    def choose(
-        self, now: float, rng: random.Random, tried: Collection[Upstream] = ()
-    ) -> Choice | None:
+    def choose(self, now: float, rng: random.Random, tried: Collection[Upstream] = ()) -> Choice | None:
         """Pick the upstream for the next attempt, or None when nothing can take it."""
         healthy = [u for u in self.upstreams if u.health.routable(now)]
         if healthy:
@@ -116,13 +118,14 @@ class Pool:
             eligible = fresh or open_
             tier = min(u.priority for u in eligible)
             cands = [u for u in eligible if u.priority == tier]
+            if self.strategy is Strategy.LATENCY:
+                for u in cands:
+                    u.ewma.decay(now)
             return Choice(pick(self.strategy, cands, rng), False)
         return self._panic_choice(now, tried)
 
     def _panic_choice(self, now: float, tried: Collection[Upstream]) -> Choice | None:
-        cands = [
-            u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried
-        ]
+        cands = [u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried]
         if not cands:
             return None
         best = min(cands, key=lambda u: (u.health.available_at(now), u.priority, cost(u)))
@@ -185,15 +188,13 @@ class Pool:
         return f"0 of {len(self.upstreams)} upstreams can take the request ({summary})"
 
     def _neutral_latency_s(self, exclude: Upstream, now: float) -> float:
-        others = [
-            u.latency_s for u in self.upstreams if u is not exclude and u.health.routable(now)
-        ]
+        others = [u.latency_s for u in self.upstreams if u is not exclude and u.health.routable(now)]
         return statistics.median(others) if others else self._default_latency_s
 
     def _notify(self, up: Upstream, change: Transition | None, now: float) -> None:
         if change is None:
             return
-        if change.after is State.HEALTHY and change.before is not State.COOLING_DOWN:
+        if change.after is State.HEALTHY:
             up.ewma.reset(self._neutral_latency_s(up, now), now)
         if self._on_transition is not None:
             self._on_transition(up, change, now)

@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.budget import RetryGate
 from gateway.classify import Outcome, classify_status
 from gateway.config import GatewaySettings
 from gateway.errors import (
@@ -35,14 +36,14 @@ from gateway.errors import (
 from gateway.headers import client_response_headers, parse_retry_after, upstream_request_headers
 from gateway.metrics import GatewayMetrics
 from gateway.pool import Choice, Pool, Upstream
-from gateway.retry import GiveUp, RetryBudget, RetryPolicy, backoff_s
+from gateway.retry import GiveUp, RetryPolicy, backoff_s
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
 _SSE = "text/event-stream"
 # Give-up reasons where a retry was wanted but not allowed (gateway_retries_skipped_total).
-_SKIPPED_RETRY_REASONS = frozenset({"body_not_replayable", "budget_exhausted", "deadline"})
+_SKIPPED_RETRY_REASONS = frozenset({"body_not_replayable", "deadline"})
 
 
 class _AttemptFailed(Exception):
@@ -150,7 +151,7 @@ class Proxy:
         pool: Pool,
         session: aiohttp.ClientSession,
         metrics: GatewayMetrics,
-        budget: RetryBudget,
+        retry_gate: RetryGate,
         *,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
@@ -160,7 +161,8 @@ class Proxy:
         self._pool = pool
         self._session = session
         self._metrics = metrics
-        self._budget = budget
+        self._retry_gate = retry_gate
+        self._budget_wait_s = settings.retry.budget_wait_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
@@ -180,7 +182,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """aiohttp handler for every proxied route."""
         ex = _Exchange(request.headers.get("X-Request-ID") or uuid.uuid4().hex, self._clock())
-        self._budget.request_started()
+        self._retry_gate.request_started()
         status = 499
         try:
             response = await self._serve(request, ex)
@@ -194,7 +196,7 @@ class Proxy:
             self._metrics.client_disconnects.inc()
             raise
         finally:
-            self._budget.request_finished()
+            self._retry_gate.request_finished()
             duration = self._clock() - ex.started
             self._metrics.count_request(status, duration)
             if self._access_log:
@@ -240,7 +242,6 @@ class Proxy:
                 delay = backoff_s(ex.attempts, up in ex.tried, self._rng)
                 if delay:
                     await asyncio.sleep(delay)
-                self._budget.retry_started()
             ex.attempts += 1
             ex.tried.append(up)
             ex.upstream = up
@@ -249,7 +250,7 @@ class Proxy:
                 resp = await self._send(request, up, body, base_headers, deadline)
             except _AttemptFailed as failed:
                 self._release(up, is_retry)
-                next_choice = self._next_choice(ex, failed.outcome, None, body, deadline)
+                next_choice = await self._next_choice(ex, failed.outcome, None, body, deadline)
                 if next_choice is None:
                     raise self._attempt_error(failed, up, ex) from None
                 choice = next_choice
@@ -260,7 +261,7 @@ class Proxy:
             try:
                 if resp.status >= 400:
                     outcome = classify_status(resp.status)
-                    next_choice = self._next_choice(ex, outcome, resp.status, body, deadline)
+                    next_choice = await self._next_choice(ex, outcome, resp.status, body, deadline)
                     if next_choice is not None:
                         resp.release()
                         choice = next_choice
@@ -273,9 +274,9 @@ class Proxy:
     def _release(self, up: Upstream, is_retry: bool) -> None:
         up.inflight -= 1
         if is_retry:
-            self._budget.retry_finished()
+            self._retry_gate.release()
 
-    def _next_choice(
+    async def _next_choice(
         self,
         ex: _Exchange,
         outcome: Outcome,
@@ -292,7 +293,6 @@ class Proxy:
             response_started=False,
             body_replayable=body.replayable,
             deadline_left_s=None if deadline is None else deadline - now,
-            budget_allows=self._budget.allows(),
         )
         if isinstance(decision, GiveUp):
             if decision.reason in _SKIPPED_RETRY_REASONS:
@@ -301,6 +301,10 @@ class Proxy:
         choice = self._pool.choose(now, self._rng, ex.tried)
         if choice is None:
             self._metrics.retries_skipped.labels("no_upstream").inc()
+            return None
+        wait_s = self._budget_wait_s if deadline is None else min(self._budget_wait_s, deadline - now)
+        if not await self._retry_gate.acquire(wait_s):
+            self._metrics.retries_skipped.labels("budget_exhausted").inc()
             return None
         self._metrics.retries.labels(decision.reason).inc()
         return choice

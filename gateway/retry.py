@@ -2,9 +2,10 @@
 
 An attempt is retried only if all hold: its outcome is retryable (a transport failure before
 response headers, or a status in the configured list); nothing of the response has reached the
-client; the request body can be replayed; attempts remain; the deadline has not passed; and the
-retry budget allows it. Retries on another upstream go at once; a retry on the same upstream
-waits a short full-jitter exponential backoff (Envoy's 25 ms base, 250 ms cap).
+client; the request body can be replayed; attempts remain; and the deadline has not passed. The
+retry budget is applied after this decision (budget.py), since admission there may wait.
+Retries on another upstream go at once; a retry on the same upstream waits a short full-jitter
+exponential backoff (Envoy's 25 ms base, 250 ms cap).
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class RetryPolicy:
         response_started: bool,
         body_replayable: bool,
         deadline_left_s: float | None,
-        budget_allows: bool,
     ) -> Retry | GiveUp:
         """Decide after attempt number `attempt` (1-based) ended with `outcome`."""
         if outcome is Outcome.SUCCESS:
@@ -69,8 +69,6 @@ class RetryPolicy:
             return GiveUp("body_not_replayable")
         if deadline_left_s is not None and deadline_left_s <= 0:
             return GiveUp("deadline")
-        if not budget_allows:
-            return GiveUp("budget_exhausted")
         return Retry(str(outcome))
 
 
