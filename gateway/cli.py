@@ -248,4 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"gateway: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    run(lambda: serve(settings))
+    try:
+        run(lambda: serve(settings))
+    except OSError as err:
+        # Typically the port is taken or the address does not exist on this host.
+        print(f"gateway: cannot listen: {err.strerror or err}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -140,10 +140,12 @@ class Pool:
         retry_after_s: float | None = None,
     ) -> None:
         """Fold one attempt's outcome into the upstream's health and latency estimate."""
+        # Health first: if this outcome ends an ejection, the reset to a neutral prior happens
+        # before the sample, so the real sample replaces the prior instead of being discarded.
+        self._notify(up, up.health.record(outcome, now, retry_after_s), now)
         if outcome is not Outcome.RATE_LIMITED:
             sample = max(latency_s, FAILURE_PENALTY_S) if is_failure(outcome) else latency_s
             up.ewma.observe(sample, now)
-        self._notify(up, up.health.record(outcome, now, retry_after_s), now)
 
     def record_check(self, up: Upstream, ok: bool, now: float) -> None:
         """Fold one active health check into the upstream's health."""
@@ -188,7 +190,9 @@ class Pool:
         return f"0 of {len(self.upstreams)} upstreams can take the request ({summary})"
 
     def _neutral_latency_s(self, exclude: Upstream, now: float) -> float:
-        others = [u.latency_s for u in self.upstreams if u is not exclude and u.health.routable(now)]
+        others = [
+            u.latency_s for u in self.upstreams if u is not exclude and u.measured and u.health.routable(now)
+        ]
         return statistics.median(others) if others else self._default_latency_s
 
     def _notify(self, up: Upstream, change: Transition | None, now: float) -> None:

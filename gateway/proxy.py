@@ -298,13 +298,15 @@ class Proxy:
             if decision.reason in _SKIPPED_RETRY_REASONS:
                 self._metrics.retries_skipped.labels(decision.reason).inc()
             return None
-        choice = self._pool.choose(now, self._rng, ex.tried)
-        if choice is None:
-            self._metrics.retries_skipped.labels("no_upstream").inc()
-            return None
         wait_s = self._budget_wait_s if deadline is None else min(self._budget_wait_s, deadline - now)
         if not await self._retry_gate.acquire(wait_s):
             self._metrics.retries_skipped.labels("budget_exhausted").inc()
+            return None
+        # Choose only after any wait for the budget, so the pick reflects the pool as it is now.
+        choice = self._pool.choose(self._clock(), self._rng, ex.tried)
+        if choice is None:
+            self._retry_gate.release()
+            self._metrics.retries_skipped.labels("no_upstream").inc()
             return None
         self._metrics.retries.labels(decision.reason).inc()
         return choice
