@@ -1,0 +1,78 @@
+"""Jobs API settings: one frozen value object built once at the edge (CLI) and passed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiKey(BaseModel):
+    """What an API key grants: the tenant it acts for and its roles."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: str = Field(min_length=1)
+    roles: tuple[str, ...] = ("user",)
+
+
+class JobsSettings(BaseSettings):
+    """Everything the jobs API needs; env prefix JOBS_ (e.g. JOBS_CONCURRENCY=32)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JOBS_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    gateway_url: str = "http://127.0.0.1:8080"
+    store: str = "sqlite:///./jobs.db"
+    concurrency: int = Field(16, ge=1, le=1024)
+    # Import paths of modules that register custom job types (comma-separated in the env).
+    handlers: tuple[str, ...] = ()
+    # Largest accepted request body on submission, in bytes.
+    max_input_bytes: int = Field(1024 * 1024, ge=1024)
+    retention_s: float = Field(7 * 24 * 3600.0, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+    # How often a worker polls an empty queue (a submission in this process wakes it at once).
+    poll_interval_s: float = Field(0.5, gt=0)
+    default_max_attempts: int = Field(5, ge=1, le=100)
+    default_timeout_s: float = Field(900.0, gt=0)
+    max_timeout_s: float = Field(24 * 3600.0, gt=0)
+    # Exponential backoff with full jitter between attempts; Retry-After wins when larger.
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    # Per-attempt timeout of one gateway call (the job's own timeout_s bounds the whole job).
+    request_timeout_s: float = Field(600.0, gt=0)
+    # Bounded excerpt of an upstream error body kept in a failed job.
+    error_excerpt_bytes: int = Field(2048, ge=64)
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict)
+    jwt_hs256_secret: SecretStr | None = None
+    jwt_rs256_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Claims read from a JWT: subject, organisation (tenant) and roles.
+    jwt_tenant_claim: str = "org"
+    jwt_roles_claim: str = "roles"
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("handlers", mode="before")
+    @classmethod
+    def _split_handlers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _check_gateway_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. http://127.0.0.1:8080")
+        return value.rstrip("/")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when any credential is configured; otherwise the API runs open."""
+        return bool(self.api_keys) or self.jwt_hs256_secret is not None or bool(self.jwt_rs256_public_key)

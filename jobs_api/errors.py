@@ -1,0 +1,70 @@
+"""Errors of the jobs API; each maps to one HTTP status and JSON `type` in one middleware."""
+
+from __future__ import annotations
+
+
+class JobsError(Exception):
+    """Root of the jobs API's errors."""
+
+    status = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(JobsError):
+    """The request is malformed (bad JSON, bad id, bad query parameter)."""
+
+    status = 400
+    error_type = "invalid_request"
+
+
+class Unauthorized(JobsError):
+    """Missing or bad credentials."""
+
+    status = 401
+    error_type = "unauthorized"
+
+
+class JobNotFound(JobsError):
+    """No such job, or one the caller may not see."""
+
+    status = 404
+    error_type = "not_found"
+
+
+class InvalidTransition(JobsError):
+    """A state change the job's life cycle does not allow."""
+
+    status = 409
+    error_type = "conflict"
+
+
+class PayloadTooLarge(JobsError):
+    """The submitted job is larger than the configured limit."""
+
+    status = 413
+    error_type = "payload_too_large"
+
+
+class ValidationFailed(JobsError):
+    """The body is JSON but not a valid job (wrong types, unknown job type)."""
+
+    status = 422
+    error_type = "validation_error"
+
+
+class IdempotencyConflict(JobsError):
+    """The Idempotency-Key was used before with a different request body."""
+
+    status = 422
+    error_type = "idempotency_key_reused"
+
+
+class StoreUnavailable(JobsError):
+    """The job store cannot be reached."""
+
+    status = 503
+    error_type = "store_unavailable"

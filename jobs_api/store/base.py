@@ -1,0 +1,180 @@
+"""The job store contract: a few atomic verbs that every backend implements the same way.
+
+State changes are pure functions of a Job (models.transition) applied by `mutate`, which a
+backend runs atomically (read, apply, write, record events, commit) before anyone is told. Each
+committed change appends events with store-wide increasing ids, which `/events` streams and
+`Last-Event-ID` resumes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from jobs_api.models import Job, JobStatus
+
+Mutation = Callable[[Job], Job]
+
+
+class LogLevel(IntEnum):
+    """Levels of job log lines, lowest first."""
+
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Filters and page of a job listing, newest first."""
+
+    tenant: str | None = None  # None: every tenant (admins only)
+    status: JobStatus | None = None
+    type: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    limit: int = 50
+    cursor: tuple[float, str] | None = None  # (created_at, id) of the last job of the previous page
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One recorded change of a job."""
+
+    id: int
+    job_id: str
+    type: str  # "state" or "progress"
+    data: dict[str, Any]
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line of a job's log."""
+
+    time: float
+    level: LogLevel
+    message: str
+
+
+def event_for(before: Job | None, after: Job) -> list[tuple[str, dict[str, Any]]]:
+    """The events a change from `before` to `after` produces (none if nothing visible changed)."""
+    snapshot = {
+        "status": after.status.value,
+        "attempts": after.attempts,
+        "progress": after.progress.model_dump(),
+    }
+    if after.error is not None:
+        snapshot["error"] = after.error.model_dump()
+    if before is None or before.status is not after.status or before.attempts != after.attempts:
+        return [("state", snapshot)]
+    if before.progress != after.progress:
+        return [("progress", snapshot)]
+    return []
+
+
+@dataclass
+class EventHub:
+    """Wakes in-process waiters when a job gets new events."""
+
+    _waiters: dict[str, set[asyncio.Event]] = field(default_factory=dict)
+
+    def notify(self, job_id: str) -> None:
+        """New events were committed for `job_id`."""
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        """Return when `job_id` gets an event, or after `timeout_s`."""
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+
+class JobStore(ABC):
+    """Durable job storage; every method is safe to call concurrently from one event loop."""
+
+    max_log_lines = 1000
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and prepare the schema."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    @abstractmethod
+    async def create(self, job: Job) -> tuple[Job, bool]:
+        """Store a new job; with an idempotency key already used by the tenant, return that job.
+
+        Returns (job, created). Raises IdempotencyConflict if the key was used with another
+        request hash.
+        """
+
+    @abstractmethod
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None."""
+
+    @abstractmethod
+    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
+        """Jobs matching `query`, newest first, and the cursor of the next page (or None)."""
+
+    @abstractmethod
+    async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
+        """Atomically take the best eligible queued job (highest priority, then oldest)."""
+
+    @abstractmethod
+    async def mutate(self, job_id: str, change: Mutation) -> Job:
+        """Atomically apply `change` to the stored job and record its events; returns the result.
+
+        Raises JobNotFound if there is no such job; whatever `change` raises propagates and
+        nothing is written.
+        """
+
+    @abstractmethod
+    async def expired_leases(self, now: float) -> list[str]:
+        """Ids of running jobs whose lease ran out before `now`."""
+
+    @abstractmethod
+    async def events_after(self, job_id: str, after_id: int) -> list[JobEvent]:
+        """Events of `job_id` with id greater than `after_id`, oldest first."""
+
+    @abstractmethod
+    async def wait_for_events(self, job_id: str, timeout_s: float) -> None:
+        """Return when `job_id` may have new events, or after `timeout_s`."""
+
+    @abstractmethod
+    async def append_log(self, job_id: str, line: LogLine) -> None:
+        """Add a log line, keeping at most `max_log_lines` per job."""
+
+    @abstractmethod
+    async def logs(self, job_id: str, min_level: LogLevel) -> list[LogLine]:
+        """Log lines at `min_level` or above, oldest first."""
+
+    @abstractmethod
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs are in each status (statuses with none may be missing)."""
+
+    @abstractmethod
+    async def purge_finished(self, before: float) -> int:
+        """Delete jobs that finished before `before` (with their events and logs); returns count."""

@@ -1,0 +1,353 @@
+"""SQLite job store: one file in WAL mode, every change in a BEGIN IMMEDIATE transaction.
+
+A job is kept whole as JSON next to the columns that queries filter and sort on. One connection
+serves the process and an asyncio lock keeps transactions from interleaving on it; several
+processes may share the file (busy_timeout), though only one should run workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from jobs_api.errors import IdempotencyConflict, JobNotFound, StoreUnavailable
+from jobs_api.models import Job, JobStatus, transition
+from jobs_api.store.base import (
+    EventHub,
+    JobEvent,
+    JobQuery,
+    JobStore,
+    LogLevel,
+    LogLine,
+    Mutation,
+    event_for,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL DEFAULT '',
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    run_after REAL NOT NULL,
+    lease_until REAL,
+    finished_at REAL,
+    idempotency_key TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (tenant, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (status, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    level INTEGER NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, id);
+"""
+
+_COLUMNS = (
+    "id, tenant, type, status, priority, created_at, run_after, lease_until, finished_at, "
+    "idempotency_key, data"
+)
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.tenant or "",
+        job.type,
+        job.status.value,
+        job.priority,
+        job.created_at,
+        job.run_after,
+        job.lease_until,
+        job.finished_at,
+        job.idempotency_key,
+        job.model_dump_json(),
+    )
+
+
+def _job(data: str | bytes) -> Job:
+    return Job.model_validate_json(data)
+
+
+class SqliteJobStore(JobStore):
+    """Jobs in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._hub = EventHub()
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteJobStore:
+        """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+        path = url.removeprefix("sqlite://")
+        if path.startswith("/"):
+            path = path[1:]
+        if not path:
+            raise ValueError("a sqlite store URL needs a file path, e.g. sqlite:///./jobs.db")
+        return cls(Path(path))
+
+    async def open(self) -> None:
+        """Open the file (creating it and the schema if needed) in WAL mode."""
+        if self.path.parent and not self.path.parent.exists():
+            raise StoreUnavailable(f"directory {self.path.parent} does not exist")
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable("the store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A BEGIN IMMEDIATE transaction, committed on success and rolled back on any error."""
+        async with self._lock:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from None
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    await db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    await db.execute("ROLLBACK")
+                    raise StoreUnavailable(f"sqlite commit failed: {exc}") from None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        async with self._lock:
+            try:
+                async with self.db.execute(sql, params) as cursor:
+                    return list(await cursor.fetchall())
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from None
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless a trivial query answers."""
+        await self._read("SELECT 1")
+
+    async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
+        events = event_for(before, after)
+        for kind, data in events:
+            await db.execute(
+                "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, ?, ?)",
+                (after.id, after.updated_at, kind, orjson.dumps(data).decode()),
+            )
+        return bool(events)
+
+    async def create(self, job: Job) -> tuple[Job, bool]:
+        """Insert the job, or return the tenant's job with the same idempotency key."""
+        async with self._write() as db:
+            if job.idempotency_key is not None:
+                async with db.execute(
+                    "SELECT data FROM jobs WHERE tenant = ? AND idempotency_key = ?",
+                    (job.tenant or "", job.idempotency_key),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    existing = _job(row[0])
+                    if existing.request_hash != job.request_hash:
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {job.idempotency_key!r} was already used "
+                            "with a different request"
+                        )
+                    return existing, False
+            await db.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _row(job))
+            await self._record(db, None, job)
+        self._hub.notify(job.id)
+        return job, True
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None."""
+        rows = await self._read("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0][0]) if rows else None
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
+        """Jobs matching `query`, newest first, plus the next page's cursor."""
+        where: list[str] = []
+        params: list[Any] = []
+        if query.tenant is not None:
+            where.append("tenant = ?")
+            params.append(query.tenant)
+        if query.status is not None:
+            where.append("status = ?")
+            params.append(query.status.value)
+        if query.type is not None:
+            where.append("type = ?")
+            params.append(query.type)
+        if query.created_after is not None:
+            where.append("created_at > ?")
+            params.append(query.created_after)
+        if query.created_before is not None:
+            where.append("created_at < ?")
+            params.append(query.created_before)
+        if query.cursor is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend([query.cursor[0], query.cursor[0], query.cursor[1]])
+        sql = "SELECT data FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(query.limit + 1)
+        rows = await self._read(sql, tuple(params))
+        jobs = [_job(r[0]) for r in rows[: query.limit]]
+        cursor = (jobs[-1].created_at, jobs[-1].id) if len(rows) > query.limit else None
+        return jobs, cursor
+
+    async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
+        """Take the best eligible queued job under a lease, counting the attempt."""
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT data FROM jobs WHERE status = 'queued' AND run_after <= ? "
+                "ORDER BY priority DESC, created_at, id LIMIT 1",
+                (now,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            before = _job(row[0])
+            after = transition(
+                before,
+                JobStatus.RUNNING,
+                now,
+                attempts=before.attempts + 1,
+                worker=worker,
+                lease_until=now + lease_s,
+            )
+            await self._update(db, after)
+            await self._record(db, before, after)
+        self._hub.notify(after.id)
+        return after
+
+    async def _update(self, db: aiosqlite.Connection, job: Job) -> None:
+        await db.execute(
+            "UPDATE jobs SET status = ?, priority = ?, run_after = ?, lease_until = ?, "
+            "finished_at = ?, data = ? WHERE id = ?",
+            (
+                job.status.value,
+                job.priority,
+                job.run_after,
+                job.lease_until,
+                job.finished_at,
+                job.model_dump_json(),
+                job.id,
+            ),
+        )
+
+    async def mutate(self, job_id: str, change: Mutation) -> Job:
+        """Apply `change` to the stored job atomically."""
+        async with self._write() as db:
+            async with db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise JobNotFound(f"job {job_id} not found")
+            before = _job(row[0])
+            after = change(before)
+            if after == before:
+                return before
+            await self._update(db, after)
+            notify = await self._record(db, before, after)
+        if notify:
+            self._hub.notify(job_id)
+        return after
+
+    async def expired_leases(self, now: float) -> list[str]:
+        """Running jobs whose worker stopped renewing its lease."""
+        rows = await self._read("SELECT id FROM jobs WHERE status = 'running' AND lease_until < ?", (now,))
+        return [r[0] for r in rows]
+
+    async def events_after(self, job_id: str, after_id: int) -> list[JobEvent]:
+        """Events of the job after `after_id`."""
+        rows = await self._read(
+            "SELECT id, job_id, type, data, time FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+            (job_id, after_id),
+        )
+        return [JobEvent(r[0], r[1], r[2], orjson.loads(r[3]), r[4]) for r in rows]
+
+    async def wait_for_events(self, job_id: str, timeout_s: float) -> None:
+        """Wait for a change of the job in this process (or the timeout, for other writers)."""
+        await self._hub.wait(job_id, timeout_s)
+
+    async def append_log(self, job_id: str, line: LogLine) -> None:
+        """Add a log line and trim the job's log to the newest max_log_lines."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO logs (job_id, time, level, message) VALUES (?, ?, ?, ?)",
+                (job_id, line.time, int(line.level), line.message),
+            )
+            await db.execute(
+                "DELETE FROM logs WHERE job_id = ? AND id <= ("
+                "SELECT id FROM logs WHERE job_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (job_id, job_id, self.max_log_lines),
+            )
+
+    async def logs(self, job_id: str, min_level: LogLevel) -> list[LogLine]:
+        """The job's log lines at min_level or above."""
+        rows = await self._read(
+            "SELECT time, level, message FROM logs WHERE job_id = ? AND level >= ? ORDER BY id",
+            (job_id, int(min_level)),
+        )
+        return [LogLine(r[0], LogLevel(r[1]), r[2]) for r in rows]
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Job counts per status."""
+        rows = await self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {JobStatus(r[0]): int(r[1]) for r in rows}
+
+    async def purge_finished(self, before: float) -> int:
+        """Delete jobs finished before `before`, with their events and logs."""
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (before,)
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            for job_id in ids:
+                await db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                await db.execute("DELETE FROM logs WHERE job_id = ?", (job_id,))
+                await db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return len(ids)
