@@ -237,26 +237,34 @@ class Proxy:
             up = choice.upstream
             if choice.panic:
                 self._metrics.panic.inc()
-            is_retry = ex.attempts > 0
-            if is_retry:
-                delay = backoff_s(ex.attempts, up in ex.tried, self._rng)
-                if delay:
-                    await asyncio.sleep(delay)
+            # Every attempt after the first runs on a retry slot taken by _next_choice; the slot
+            # is held until the attempt's headers arrive (or it fails), never while deciding the
+            # next retry, so retries waiting for slots cannot hold each other up.
+            holds_slot = ex.attempts > 0
+            same_upstream = up in ex.tried
             ex.attempts += 1
             ex.tried.append(up)
             ex.upstream = up
             up.inflight += 1
             try:
-                resp = await self._send(request, up, body, base_headers, deadline)
+                try:
+                    if holds_slot:
+                        delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
+                        if delay:
+                            await asyncio.sleep(delay)
+                    resp = await self._send(request, up, body, base_headers, deadline)
+                finally:
+                    if holds_slot:
+                        self._retry_gate.release()
             except _AttemptFailed as failed:
-                self._release(up, is_retry)
+                up.inflight -= 1
                 next_choice = await self._next_choice(ex, failed.outcome, None, body, deadline)
                 if next_choice is None:
                     raise self._attempt_error(failed, up, ex) from None
                 choice = next_choice
                 continue
             except BaseException:
-                self._release(up, is_retry)
+                up.inflight -= 1
                 raise
             try:
                 if resp.status >= 400:
@@ -269,12 +277,7 @@ class Proxy:
                 return await self._relay(request, resp, up, ex)
             finally:
                 resp.close()
-                self._release(up, is_retry)
-
-    def _release(self, up: Upstream, is_retry: bool) -> None:
-        up.inflight -= 1
-        if is_retry:
-            self._retry_gate.release()
+                up.inflight -= 1
 
     async def _next_choice(
         self,

@@ -241,3 +241,26 @@ async def test_proxy_client_disconnect_closes_upstream_request(
         await asyncio.sleep(0.05)
     assert a.stats.disconnects == 1
     assert gw.sample("gateway_client_disconnects_total") == 1
+
+
+async def test_proxy_access_log_is_one_json_line_per_request(
+    start_mock: StartMock, start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import orjson
+
+    a = await start_mock("a")
+    gw = await start_gateway(a.spec, access_log=True)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        resp = await gw.client.get("/echo?x=1", headers={"X-Request-ID": "abc"})
+        assert resp.status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 1
+    entry = orjson.loads(lines[0])
+    assert entry["request_id"] == "abc"
+    assert entry["upstream"] == "a"
+    assert entry["status"] == 200
+    assert entry["attempts"] == 1
+    assert entry["path"] == "/echo"
+    assert entry["duration_s"] >= 0
