@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ApiKey(BaseModel):
@@ -30,7 +31,8 @@ class JobsSettings(BaseSettings):
     store: str = "sqlite:///./jobs.db"
     concurrency: int = Field(16, ge=1, le=1024)
     # Import paths of modules that register custom job types (comma-separated in the env).
-    handlers: tuple[str, ...] = ()
+    # NoDecode: the env value is "a.b,c.d" (or a JSON list), not JSON that pydantic-settings decodes.
+    handlers: Annotated[tuple[str, ...], NoDecode] = ()
     # Largest accepted request body on submission, in bytes.
     max_input_bytes: int = Field(1024 * 1024, ge=1024)
     retention_s: float = Field(7 * 24 * 3600.0, gt=0)
@@ -62,6 +64,8 @@ class JobsSettings(BaseSettings):
     @classmethod
     def _split_handlers(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value
 

@@ -121,7 +121,7 @@ class SqliteJobStore(JobStore):
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA synchronous=FULL")
             await self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None

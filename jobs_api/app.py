@@ -1,0 +1,111 @@
+"""Application factory of the jobs API: state behind AppKeys, one cleanup_ctx for store and runner.
+
+`create_app` wires settings, the handler registry, authentication and metrics together. The store
+(opened from `settings.store` unless one is passed in) and the JobRunner working on it live in a
+single cleanup_ctx, so they open before the first request and close after the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from jobs_api.auth import Authenticator
+from jobs_api.config import JobsSettings
+from jobs_api.handlers import HandlerRegistry, default_registry
+from jobs_api.metrics import JobsMetrics
+from jobs_api.runner import JobRunner
+from jobs_api.store import JobStore, open_store
+
+log = logging.getLogger(__name__)
+
+SETTINGS: Final = web.AppKey("settings", JobsSettings)
+STORE: Final = web.AppKey("store", JobStore)
+HANDLERS: Final = web.AppKey("handlers", HandlerRegistry)
+RUNNER: Final = web.AppKey("runner", JobRunner)
+METRICS: Final = web.AppKey("metrics", JobsMetrics)
+PROMETHEUS: Final = web.AppKey("prometheus", CollectorRegistry)
+AUTH: Final = web.AppKey("auth", Authenticator)
+CLOCK: Final = web.AppKey[Callable[[], float]]("clock")
+# Set when the app starts shutting down: event streams end so in-flight requests can drain.
+STOPPING: Final = web.AppKey("stopping", asyncio.Event)
+
+# Room above max_input_bytes for aiohttp's own body limit (headers of a multipart, a batch wrapper).
+BODY_SLACK_BYTES: Final = 64 * 1024
+
+
+def _lifecycle(
+    given_store: JobStore | None, start_runner: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: open the store (unless given), start the runner; stop both on the way out."""
+        settings = app[SETTINGS]
+        if not app[AUTH].enabled:
+            log.warning(
+                "no API keys or JWT key configured: the jobs API is open to anyone who can reach it "
+                "(set JOBS_API_KEYS, JOBS_JWT_HS256_SECRET or JOBS_JWT_RS256_PUBLIC_KEY)"
+            )
+        store = given_store
+        if store is None:
+            store = open_store(settings.store)
+            await store.open()
+        app[STORE] = store
+        runner = JobRunner(store, settings, app[HANDLERS], app[METRICS], clock=app[CLOCK])
+        app[RUNNER] = runner
+        try:
+            if start_runner:
+                await runner.start()
+            yield
+        finally:
+            try:
+                await runner.stop()
+            finally:
+                if given_store is None:
+                    await store.close()
+
+    return lifecycle
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STOPPING].set()
+
+
+def create_app(
+    settings: JobsSettings,
+    *,
+    store: JobStore | None = None,
+    registry: HandlerRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+    registry_metrics: CollectorRegistry | None = None,
+    start_runner: bool = True,
+) -> web.Application:
+    """The jobs API application; a given `store` must be open already and is not closed here.
+
+    With `start_runner=False` the runner exists (wake and cancel work) but runs no job until a
+    test starts it with `await app[RUNNER].start()`.
+    Raises ValueError (AuthConfigError) for an unusable credential or handler module.
+    """
+    from jobs_api.routes import add_routes, auth_middleware, error_middleware
+
+    prometheus = registry_metrics if registry_metrics is not None else CollectorRegistry()
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=settings.max_input_bytes + BODY_SLACK_BYTES,
+    )
+    app[SETTINGS] = settings
+    app[HANDLERS] = registry if registry is not None else default_registry(settings.handlers)
+    app[AUTH] = Authenticator(settings)
+    app[PROMETHEUS] = prometheus
+    app[METRICS] = JobsMetrics(prometheus)
+    app[CLOCK] = clock
+    app[STOPPING] = asyncio.Event()
+    app.cleanup_ctx.append(_lifecycle(store, start_runner))
+    app.on_shutdown.append(_on_shutdown)
+    add_routes(app)
+    return app

@@ -1,0 +1,495 @@
+"""Job types: a registry of async handlers, the context they run with, and the built-in types.
+
+A handler is `async def handler(ctx: JobContext) -> result` where the result is JSON-able and
+becomes the job's `result`. It reads its validated input from `ctx.job.input`, reports with
+`await ctx.progress(...)` and `await ctx.log(...)`, calls the gateway through `ctx.gateway` (or
+`ctx.call`, which classifies the answer), and watches `ctx.cancelled`. It ends an attempt early by
+raising `RetryableError` (run the whole attempt again after a backoff, up to the job's
+`max_attempts`) or `PermanentError` (fail the job now). Anything else it raises fails the job as
+`handler_error`; the traceback goes to the server log only.
+
+Custom types live in modules named in `JOBS_HANDLERS` (comma-separated import paths). Each such
+module defines `register(registry: HandlerRegistry) -> None`, which calls
+`registry.register("my_type", handler, input_model=MyInput)`; `module:function` names another
+function. See `jobs_api/examples/pipeline.py` for a complete example.
+
+Built-in types: `inference` (one request through the gateway) and `batch` (many of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.headers import parse_retry_after
+from jobs_api.errors import ValidationFailed
+from jobs_api.models import Job, JobError, JobStatus, Progress
+from jobs_api.store.base import LogLevel, LogLine
+
+if TYPE_CHECKING:
+    from jobs_api.config import JobsSettings
+    from jobs_api.store.base import JobStore
+
+__all__ = [
+    "BatchInput",
+    "Handler",
+    "HandlerRegistry",
+    "InferenceInput",
+    "JobContext",
+    "PermanentError",
+    "RetryableError",
+    "backoff_s",
+    "default_registry",
+    "run_batch",
+    "run_inference",
+]
+
+log = logging.getLogger(__name__)
+
+# Statuses worth another attempt later: rate limits, server errors, the gateway's own 502/503/504
+# (no upstream available, every upstream unreachable, upstream timeout). 500 counts too: inference
+# servers answer 500 for transient faults (OOM, a crashed worker) far more often than for a bad
+# request, and max_attempts bounds the cost when it is not transient.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Response headers kept in an inference result.
+RESULT_HEADERS = ("content-type", "x-request-id", "x-gateway-upstream", "x-gateway-attempts")
+# Longest job log message kept; longer ones are cut (a log line is not a place for payloads).
+MAX_LOG_MESSAGE_CHARS = 8192
+_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+
+class RetryableError(Exception):
+    """The attempt failed for a reason that may pass: run the whole attempt again later."""
+
+    error_type = "retryable_error"
+
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float | None = None,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+    def to_error(self) -> JobError:
+        """The job `error` this becomes."""
+        return JobError(type=self.error_type, message=self.message, retryable=True, status=self.status)
+
+
+class PermanentError(Exception):
+    """The job cannot succeed: fail it now; `result` (if any) is kept on the failed job."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        error_type: str = "permanent_error",
+        *,
+        result: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+        self.result = result
+
+    def to_error(self) -> JobError:
+        """The job `error` this becomes."""
+        return JobError(type=self.error_type, message=self.message, retryable=False, status=self.status)
+
+
+def backoff_s(
+    attempt: int,
+    base_s: float,
+    max_s: float,
+    rng: random.Random,
+    retry_after_s: float | None = None,
+) -> float:
+    """Delay before the next attempt: full jitter on base*2**(attempt-1), capped; at least Retry-After."""
+    ceiling = min(max_s, base_s * 2 ** max(0, attempt - 1))
+    delay = rng.uniform(0.0, ceiling)
+    if retry_after_s is not None and retry_after_s > delay:
+        delay = retry_after_s
+    return delay
+
+
+def excerpt(body: bytes, limit: int) -> str:
+    """At most `limit` bytes of `body` as text (a multi-byte character cut at the end is dropped)."""
+    text = body[:limit].decode("utf-8", "ignore" if len(body) > limit else "replace")
+    return text + "…" if len(body) > limit else text
+
+
+class JobContext:
+    """What a handler gets: its job, a gateway client, progress/log reporting and a cancel signal.
+
+    `progress` and `log` are committed to the store before they return. After the job stopped
+    belonging to this attempt (lease lost, cancelled), `progress` writes nothing. `cancelled` is
+    set when the attempt must stop (cancel requested, deadline reached, runner shutting down),
+    just before the handler's task is cancelled; a handler may check it between steps.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        gateway: aiohttp.ClientSession,
+        store: JobStore,
+        settings: JobsSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        cancelled: asyncio.Event | None = None,
+    ) -> None:
+        self.job = job
+        self.gateway = gateway
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.cancelled = cancelled or asyncio.Event()
+
+    @property
+    def input(self) -> dict[str, Any]:
+        """The job's validated input."""
+        return self.job.input
+
+    async def progress(self, percent: float, message: str | None = None, phase: str | None = None) -> None:
+        """Record progress (percent 0-100, clamped) and persist it before returning."""
+        if percent != percent:  # NaN
+            raise ValueError("progress percent must be a number between 0 and 100, got NaN")
+        progress = Progress(percent=min(100.0, max(0.0, float(percent))), message=message, phase=phase)
+        now = self.clock()
+        attempt = self.job
+
+        def change(job: Job) -> Job:
+            if job.status is not JobStatus.RUNNING or job.worker != attempt.worker:
+                return job
+            if job.attempts != attempt.attempts:
+                return job
+            return job.model_copy(update={"progress": progress, "updated_at": now})
+
+        await self.store.mutate(self.job.id, change)
+
+    async def log(self, level: str, message: str) -> None:
+        """Append a line to the job's log; level is debug, info, warning or error."""
+        try:
+            parsed = LogLevel[level.upper()]
+        except KeyError:
+            raise ValueError(f"log level {level!r} is not one of debug, info, warning, error") from None
+        if len(message) > MAX_LOG_MESSAGE_CHARS:
+            message = message[:MAX_LOG_MESSAGE_CHARS] + "…"
+        await self.store.append_log(self.job.id, LogLine(self.clock(), parsed, message))
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request through the gateway and classify the answer.
+
+        Returns `{"status", "headers", "body", "upstream"}` for a 2xx. Raises RetryableError for
+        429/500/502/503/504 and connection failures or timeouts (Retry-After honoured), and
+        PermanentError for any other status, with a bounded excerpt of the body.
+        """
+        send_headers = {"X-Request-ID": self.job.id, **(headers or {})}
+        data = None if json is None else orjson.dumps(json)
+        if data is not None:
+            send_headers.setdefault("Content-Type", "application/json")
+        try:
+            async with self.gateway.request(
+                method, path, data=data, headers=send_headers, allow_redirects=False
+            ) as resp:
+                body = await resp.read()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            raise RetryableError(
+                f"{method} {path}: gateway unreachable: {reason}", error_type="gateway_unreachable"
+            ) from exc
+        return self._classify(method, path, resp, body)
+
+    def _classify(self, method: str, path: str, resp: aiohttp.ClientResponse, body: bytes) -> dict[str, Any]:
+        status = resp.status
+        if 200 <= status < 300:
+            return {
+                "status": status,
+                "headers": {h: resp.headers[h] for h in RESULT_HEADERS if h in resp.headers},
+                "body": _decode_body(body, resp.headers.get("Content-Type", "")),
+                "upstream": resp.headers.get("X-Gateway-Upstream"),
+            }
+        text = excerpt(body, self.settings.error_excerpt_bytes)
+        message = f"{method} {path}: upstream answered {status}: {text}"
+        if status in RETRYABLE_STATUSES:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), self.clock())
+            raise RetryableError(message, retry_after, status=status, error_type="upstream_error")
+        raise PermanentError(message, status=status, error_type="upstream_error")
+
+
+def _decode_body(body: bytes, content_type: str) -> Any:
+    if "json" in content_type.lower():
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return body.decode("utf-8", "replace")
+
+
+Handler = Callable[[JobContext], Awaitable[Any]]
+
+
+class HandlerRegistry:
+    """Job type name -> handler and its input model; built once at startup, then read-only."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[Handler, type[BaseModel] | None]] = {}
+
+    def register(
+        self, type_name: str, handler: Handler, *, input_model: type[BaseModel] | None = None
+    ) -> None:
+        """Add a job type; raises ValueError for a bad or already registered name."""
+        if not _TYPE_NAME.match(type_name):
+            raise ValueError(
+                f"job type name {type_name!r} must match {_TYPE_NAME.pattern} (e.g. 'summarize')"
+            )
+        if type_name in self._handlers:
+            raise ValueError(f"job type {type_name!r} is already registered")
+        self._handlers[type_name] = (handler, input_model)
+
+    def handler(self, type_name: str) -> Handler:
+        """The handler of `type_name`; raises KeyError if unknown."""
+        return self._handlers[type_name][0]
+
+    def types(self) -> list[str]:
+        """Registered type names, sorted."""
+        return sorted(self._handlers)
+
+    def validate_input(self, type_name: str, data: Any) -> dict[str, Any]:
+        """The normalized input for a job of `type_name` (defaults filled in).
+
+        Raises ValidationFailed for an unknown type (naming the known ones) or an input its model
+        rejects (naming the field).
+        """
+        entry = self._handlers.get(type_name)
+        if entry is None:
+            known = ", ".join(self.types()) or "none"
+            raise ValidationFailed(f"unknown job type {type_name!r}; known types: {known}")
+        model = entry[1]
+        if not isinstance(data, dict):
+            raise ValidationFailed(f"input of a {type_name!r} job must be a JSON object")
+        if model is None:
+            return data
+        try:
+            return model.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ValidationFailed(_describe(type_name, exc)) from None
+
+
+def _describe(type_name: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in ("input", *err["loc"]))
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - 5
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return f"invalid input for a {type_name!r} job: " + "; ".join(parts) + suffix
+
+
+# --- built-in types ---------------------------------------------------------------------------
+
+
+class InferenceInput(BaseModel):
+    """One request to send through the gateway."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("POST", pattern=r"^[A-Za-z]{3,10}$")
+    path: str
+    body: Any = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//"):
+            raise ValueError("must be a path on the gateway starting with one '/', e.g. /v1/chat/completions")
+        return value
+
+
+class BatchInput(BaseModel):
+    """Many inference requests run as one job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[InferenceInput] = Field(min_length=1, max_length=1000)
+    parallel_limit: int = Field(4, ge=1, le=64)
+    fail_fast: bool = False
+
+
+async def run_inference(ctx: JobContext) -> dict[str, Any]:
+    """Built-in `inference`: one request through the gateway; its answer is the result."""
+    spec = InferenceInput.model_validate(ctx.input)
+    return await ctx.call(spec.method, spec.path, json=spec.body, headers=spec.headers)
+
+
+class _Batch:
+    """Book-keeping of one batch attempt: outcomes by index and counts."""
+
+    def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.outcomes: list[dict[str, Any] | None] = [None] * len(spec.items)
+        self.completed = 0
+        self.failed = 0
+        self.first_failure: int | None = None
+        self.report = asyncio.Lock()
+
+    async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            if self.spec.fail_fast and self.first_failure is not None:
+                return  # skipped: an earlier item already failed the batch
+            item = self.spec.items[index]
+            try:
+                result = await self._call_with_retries(item)
+            except (RetryableError, PermanentError) as exc:
+                self.outcomes[index] = {"index": index, "status": "failed", "error": exc_error(exc)}
+                self.failed += 1
+                if self.first_failure is None:
+                    self.first_failure = index
+            else:
+                self.outcomes[index] = {"index": index, "status": "completed", "result": result}
+                self.completed += 1
+            await self._report()
+
+    async def _call_with_retries(self, item: InferenceInput) -> dict[str, Any]:
+        # Items retry on their own, so one flaky item does not re-run the whole batch.
+        attempt = 1
+        while True:
+            try:
+                return await self.ctx.call(item.method, item.path, json=item.body, headers=item.headers)
+            except RetryableError as exc:
+                if attempt >= self.ctx.job.max_attempts:
+                    raise
+                settings = self.ctx.settings
+                delay = backoff_s(
+                    attempt, settings.backoff_base_s, settings.backoff_max_s, self.ctx.rng, exc.retry_after_s
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def _report(self) -> None:
+        async with self.report:  # counts only grow, so progress written in order never goes back
+            total = len(self.spec.items)
+            done = self.completed + self.failed
+            message = f"{self.completed} completed, {self.failed} failed, {total} total"
+            await self.ctx.progress(100.0 * done / total, message)
+
+    def result(self) -> dict[str, Any]:
+        items = [
+            outcome if outcome is not None else {"index": i, "status": "skipped"}
+            for i, outcome in enumerate(self.outcomes)
+        ]
+        return {"items": items, "completed": self.completed, "failed": self.failed}
+
+
+def exc_error(exc: RetryableError | PermanentError) -> dict[str, Any]:
+    """The JSON error of a failed request or item."""
+    return exc.to_error().model_dump()
+
+
+async def run_batch(ctx: JobContext) -> dict[str, Any]:
+    """Built-in `batch`: run every item (at most `parallel_limit` at once); result in item order.
+
+    Each item gets up to the job's `max_attempts` tries for retryable failures. Without
+    `fail_fast` the job completes whatever the items did; with it, the first failed item stops
+    the others (they are `skipped`) and fails the job, keeping the partial result.
+    """
+    spec = BatchInput.model_validate(ctx.input)
+    batch = _Batch(ctx, spec)
+    limit = asyncio.Semaphore(spec.parallel_limit)
+    tasks = [asyncio.create_task(batch.run_item(i, limit)) for i in range(len(spec.items))]
+    try:
+        pending = set(tasks)
+        while pending and not (spec.fail_fast and batch.first_failure is not None):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    raise exc
+    finally:
+        # Stops what is left (fail_fast, an error, or the job being cancelled) and waits for it,
+        # so no request outlives the attempt.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if spec.fail_fast and batch.first_failure is not None:
+        failed = batch.outcomes[batch.first_failure]
+        assert failed is not None
+        raise PermanentError(
+            f"batch item {batch.first_failure} failed: {failed['error']['message']}",
+            status=failed["error"].get("status"),
+            error_type="batch_item_failed",
+            result=batch.result(),
+        )
+    return batch.result()
+
+
+# --- registry construction --------------------------------------------------------------------
+
+
+def default_registry(handler_paths: Sequence[str] = ()) -> HandlerRegistry:
+    """Built-in types plus those registered by each module in `handler_paths`.
+
+    A path is `package.module` (its `register(registry)` is called) or `package.module:function`.
+    Raises ValueError with a one-line message when a path cannot be imported or registers badly.
+    """
+    registry = HandlerRegistry()
+    registry.register("inference", run_inference, input_model=InferenceInput)
+    registry.register("batch", run_batch, input_model=BatchInput)
+    for path in handler_paths:
+        load_handlers(registry, path)
+    return registry
+
+
+def load_handlers(registry: HandlerRegistry, path: str) -> None:
+    """Import `path` (`module` or `module:function`) and let it register its job types."""
+    module_name, _, attr = path.partition(":")
+    attr = attr or "register"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise ValueError(f"JOBS_HANDLERS: cannot import {module_name!r}: {reason}") from None
+    register = getattr(module, attr, None)
+    if not callable(register):
+        raise ValueError(
+            f"JOBS_HANDLERS: module {module_name!r} has no function {attr!r}; "
+            "define `def register(registry): registry.register('my_type', handler)`"
+        )
+    try:
+        register(registry)
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"JOBS_HANDLERS: {path!r}: {reason}") from None
+    log.info("loaded job handlers from %s; types now %s", path, ", ".join(registry.types()))

@@ -1,0 +1,596 @@
+"""HTTP routes of the jobs API: submit, inspect, list, stream, cancel; one error middleware.
+
+Every error leaves through `error_middleware` as `{"error": {"type", "message"}}` with the status
+of its `JobsError` class; nothing else turns exceptions into responses. A caller only ever sees
+jobs of its own tenant (admins see all); another tenant's job answers 404 like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jobs_api.app import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
+from jobs_api.auth import Principal
+from jobs_api.errors import (
+    BadRequest,
+    JobNotFound,
+    JobsError,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+)
+from jobs_api.models import Job, JobStatus, is_job_id, new_job_id, request_cancel
+from jobs_api.store import JobEvent, JobQuery, LogLevel
+
+log = logging.getLogger(__name__)
+
+PRINCIPAL: Final = web.RequestKey("principal", Principal)
+
+# A comment line this often keeps proxies and clients from closing an idle event stream.
+SSE_KEEPALIVE_S: Final = 15.0
+# Upper bound on noticing events written by another process (in-process writes wake us at once).
+SSE_POLL_S: Final = 1.0
+DEFAULT_LIST_LIMIT: Final = 20
+MAX_LIST_LIMIT: Final = 100
+MAX_IDEMPOTENCY_KEY: Final = 255
+READ_CHUNK: Final = 64 * 1024
+# Fields of a batch submission that describe the job rather than its input.
+JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
+HTTP_ERROR_TYPES: Final = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class JobSubmit(BaseModel):
+    """The body of `POST /v1/jobs`; strict: no coercion of strings to numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    type: str = Field(min_length=1, max_length=64)
+    input: dict[str, Any]
+    priority: int = Field(0, ge=-1000, le=1000)
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    timeout_s: float | None = Field(None, gt=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- representation -----------------------------------------------------------------------------
+
+
+def rfc3339(t: float | None) -> str | None:
+    """Wall-clock seconds as an RFC 3339 UTC timestamp with microseconds (None stays None)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def job_links(job: Job) -> dict[str, str]:
+    """Where to follow a job: itself, its events, logs, cancel and (once completed) its result."""
+    base = f"/v1/jobs/{job.id}"
+    links = {"self": base, "events": f"{base}/events", "logs": f"{base}/logs", "cancel": f"{base}/cancel"}
+    if job.status is JobStatus.COMPLETED:
+        links["result"] = f"{base}/result"
+    return links
+
+
+def _error_view(job: Job) -> dict[str, Any] | None:
+    if job.error is None:
+        return None
+    view: dict[str, Any] = {
+        "type": job.error.type,
+        "message": job.error.message,
+        "retryable": job.error.retryable,
+    }
+    if job.error.status is not None:
+        view["status"] = job.error.status
+    return view
+
+
+def job_view(job: Job, *, with_input: bool = True) -> dict[str, Any]:
+    """A job as the API shows it: no scheduling internals (worker, lease, hash, run_after)."""
+    view: dict[str, Any] = {
+        "id": job.id,
+        "type": job.type,
+        "status": job.status.value,
+        "tenant": job.tenant,
+        "priority": job.priority,
+        "progress": job.progress.model_dump(),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "timeout_s": job.timeout_s,
+        "metadata": job.metadata,
+        "cancel_requested": job.cancel_requested,
+        "created_at": rfc3339(job.created_at),
+        "started_at": rfc3339(job.started_at),
+        "finished_at": rfc3339(job.finished_at),
+        "updated_at": rfc3339(job.updated_at),
+    }
+    if with_input:
+        view["input"] = job.input
+    if job.status is JobStatus.COMPLETED:
+        view["result"] = job.result
+    error = _error_view(job)
+    if error is not None:
+        # On a job still running or queued for another attempt, this is why the last one failed.
+        view["error" if job.status.terminal else "last_error"] = error
+    view["links"] = job_links(job)
+    return view
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, error_type: str, message: str) -> web.Response:
+    """The one error body shape: `{"error": {"type", "message"}}`."""
+    return json_response({"error": {"type": error_type, "message": message}}, status)
+
+
+# --- middlewares --------------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map JobsError (and aiohttp's own HTTP errors) to JSON; never a traceback in a response."""
+    try:
+        return await handler(request)
+    except JobsError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        response = error_response(exc.status, exc.error_type, exc.message)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="jobs-api"'
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
+        if exc.status == 404:
+            message = f"no route for {request.method} {request.path}"
+        response = error_response(exc.status, HTTP_ERROR_TYPES.get(exc.status, "http_error"), message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; the server log has the details")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate every /v1/ request; health, readiness and metrics stay open for probes."""
+    if request.path.startswith("/v1/"):
+        request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+# --- request parsing ----------------------------------------------------------------------------
+
+
+async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} (JOBS_MAX_INPUT_BYTES)"
+        )
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (JOBS_MAX_INPUT_BYTES)")
+    if not body.strip():
+        raise BadRequest("empty body: send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed(f"body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each bad field and what is wrong with it."""
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        message = "unknown field" if err["type"] == "extra_forbidden" else str(err["msg"])
+        parts.append(f"{field}: {message.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header (an sf-string, quotes optional), or None."""
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable() or not key.isascii():
+        raise BadRequest(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+    return key
+
+
+def request_hash(body: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a submission (sorted keys, no whitespace)."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def parse_job_id(request: web.Request) -> str:
+    """The `{job_id}` of the path, or BadRequest if it is not a UUID."""
+    raw = request.match_info["job_id"]
+    if not is_job_id(raw):
+        shown = raw if len(raw) <= 64 else raw[:64] + "..."
+        raise BadRequest(f"{shown!r} is not a job id (a UUID)")
+    return raw.lower()
+
+
+def parse_time(name: str, text: str) -> float:
+    """An RFC 3339 timestamp with an offset, or epoch seconds, as epoch seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value):
+            raise BadRequest(f"{name}: {text!r} is not a finite number of seconds")
+        return value
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{name}: {text!r} is neither RFC 3339 (2024-05-01T12:00:00Z) nor epoch seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        raise BadRequest(f"{name}: {text!r} has no UTC offset; add Z or +00:00")
+    return parsed.timestamp()
+
+
+def encode_cursor(cursor: tuple[float, str]) -> str:
+    """The opaque page cursor: urlsafe base64 of the store's (created_at, id)."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(cursor))).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str) -> tuple[float, str]:
+    """The store's (created_at, id) from an opaque cursor, or BadRequest."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        created_at, job_id = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise BadRequest("cursor: not a next_cursor of a previous page") from None
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float) or not isinstance(job_id, str):
+        raise BadRequest("cursor: not a next_cursor of a previous page")
+    if not is_job_id(job_id):
+        raise BadRequest("cursor: not a next_cursor of a previous page")
+    return float(created_at), job_id
+
+
+def parse_limit(text: str | None) -> int:
+    """Page size: 1..100, default 20."""
+    if text is None:
+        return DEFAULT_LIST_LIMIT
+    try:
+        limit = int(text)
+    except ValueError:
+        raise BadRequest(f"limit: {text!r} is not an integer") from None
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise BadRequest(f"limit: must be within 1..{MAX_LIST_LIMIT}, got {limit}")
+    return limit
+
+
+def parse_status(text: str | None) -> JobStatus | None:
+    """A status filter, or None."""
+    if text is None:
+        return None
+    try:
+        return JobStatus(text)
+    except ValueError:
+        choices = ", ".join(s.value for s in JobStatus)
+        raise BadRequest(f"status: {text!r} is not one of {choices}") from None
+
+
+def parse_level(text: str | None) -> LogLevel:
+    """A log level name (debug, info, warning, error); default debug."""
+    if text is None:
+        return LogLevel.DEBUG
+    try:
+        return LogLevel[text.upper()]
+    except KeyError:
+        raise BadRequest(f"level: {text!r} is not one of debug, info, warning, error") from None
+
+
+def parse_last_event_id(request: web.Request) -> int:
+    """The event id to resume after (Last-Event-ID header or ?last_event_id=), 0 from the start."""
+    text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if text is None or not text.strip():
+        return 0
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id") from None
+    if value < 0:
+        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id")
+    return value
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+async def visible_job(request: web.Request) -> Job:
+    """The job of the path if the caller may see it; 400 for a bad id, 404 otherwise."""
+    job_id = parse_job_id(request)
+    job = await request.app[STORE].get(job_id)
+    if job is None or not request[PRINCIPAL].can_see(job):
+        raise JobNotFound(f"job {job_id} not found")
+    return job
+
+
+async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """Validate, store and wake the runner; 202 with the job (a replay returns the same job)."""
+    app = request.app
+    settings = app[SETTINGS]
+    key = idempotency_key(request)
+    try:
+        spec = JobSubmit.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed(describe(exc)) from None
+    job_input = app[HANDLERS].validate_input(spec.type, spec.input)
+    timeout_s = spec.timeout_s if spec.timeout_s is not None else settings.default_timeout_s
+    if timeout_s > settings.max_timeout_s:
+        raise ValidationFailed(f"timeout_s: must be at most {settings.max_timeout_s:g} (JOBS_MAX_TIMEOUT_S)")
+    now = app[CLOCK]()
+    job = Job(
+        id=new_job_id(),
+        tenant=request[PRINCIPAL].tenant,
+        type=spec.type,
+        input=job_input,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts or settings.default_max_attempts,
+        timeout_s=timeout_s,
+        metadata=spec.metadata,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=key,
+        request_hash=request_hash(body) if key is not None else None,
+    )
+    stored, created = await app[STORE].create(job)
+    headers = {"Location": f"/v1/jobs/{stored.id}"}
+    if created:
+        app[METRICS].submitted.labels(stored.type).inc()
+        app[RUNNER].wake()
+        log.info("job %s (%s) queued for tenant %s", stored.id, stored.type, stored.tenant)
+    else:
+        # IETF Idempotency-Key draft: a retried request gets the original response again.
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(job_view(stored), 202, headers)
+
+
+async def create_job(request: web.Request) -> web.Response:
+    """POST /v1/jobs."""
+    body = await read_json_object(request, request.app[SETTINGS].max_input_bytes)
+    return await submit(request, body)
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    """POST /v1/batches: a `batch` job whose input is the body minus the job-level fields."""
+    body = await read_json_object(request, request.app[SETTINGS].max_input_bytes)
+    job: dict[str, Any] = {"type": "batch"}
+    job["input"] = {k: v for k, v in body.items() if k not in JOB_FIELDS}
+    job.update((k, body[k]) for k in JOB_FIELDS if k in body)
+    return await submit(request, job)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}."""
+    return json_response(job_view(await visible_job(request)))
+
+
+async def get_result(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}/result: 200 once finished (result or error), 409 while it is not."""
+    job = await visible_job(request)
+    if not job.status.terminal:
+        return json_response(
+            {
+                "id": job.id,
+                "status": job.status.value,
+                "error": {
+                    "type": "not_finished",
+                    "message": f"job {job.id} is {job.status.value}; its result is ready once it completes",
+                },
+            },
+            409,
+            {"Retry-After": "1"},
+        )
+    out: dict[str, Any] = {"id": job.id, "status": job.status.value}
+    if job.status is JobStatus.COMPLETED:
+        out["result"] = job.result
+    else:
+        out["error"] = _error_view(job) or {
+            "type": job.status.value,
+            "message": f"job {job.id} ended as {job.status.value}",
+            "retryable": False,
+        }
+    return json_response(out)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /v1/jobs: newest first, filtered, one page at a time."""
+    principal: Principal = request[PRINCIPAL]
+    q = request.query
+    job_type = q.get("type")
+    if job_type is not None and not 1 <= len(job_type) <= 64:
+        raise BadRequest("type: must be 1-64 characters")
+    cursor = q.get("cursor")
+    query = JobQuery(
+        tenant=None if principal.sees_all else principal.tenant,
+        status=parse_status(q.get("status")),
+        type=job_type,
+        created_after=None if "created_after" not in q else parse_time("created_after", q["created_after"]),
+        created_before=None
+        if "created_before" not in q
+        else parse_time("created_before", q["created_before"]),
+        limit=parse_limit(q.get("limit")),
+        cursor=None if not cursor else decode_cursor(cursor),
+    )
+    jobs, next_cursor = await request.app[STORE].list_jobs(query)
+    return json_response(
+        {
+            "jobs": [job_view(job, with_input=False) for job in jobs],
+            "next_cursor": None if next_cursor is None else encode_cursor(next_cursor),
+        }
+    )
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """POST /v1/jobs/{id}/cancel and DELETE /v1/jobs/{id}: 202 with the job, 409 if it ended."""
+    job = await visible_job(request)
+    now = request.app[CLOCK]()
+    updated = await request.app[STORE].mutate(job.id, lambda j: request_cancel(j, now))
+    request.app[RUNNER].cancel_local(job.id)
+    log.info("job %s: cancel requested (now %s)", job.id, updated.status.value)
+    return json_response(job_view(updated), 202)
+
+
+async def job_logs(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}/logs?level=: the job's (bounded) log, oldest first."""
+    level = parse_level(request.query.get("level"))
+    job = await visible_job(request)
+    lines = await request.app[STORE].logs(job.id, level)
+    return json_response(
+        {
+            "id": job.id,
+            "logs": [
+                {"time": rfc3339(line.time), "level": line.level.name.lower(), "message": line.message}
+                for line in lines
+            ],
+        }
+    )
+
+
+def sse_frame(event: JobEvent) -> bytes:
+    """One Server-Sent Event: id, event type and the JSON snapshot."""
+    data = {"job_id": event.job_id, "time": rfc3339(event.time), **event.data}
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), orjson.dumps(data))
+
+
+def ends_stream(event: JobEvent) -> bool:
+    """The event after which a job's stream ends: its terminal state."""
+    return event.type == "state" and JobStatus(event.data["status"]).terminal
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/jobs/{id}/events: SSE of every state and progress change until the terminal state."""
+    after = parse_last_event_id(request)
+    job = await visible_job(request)
+    store = request.app[STORE]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(request.app[STOPPING].wait())
+    last_write = loop.time()
+    try:
+        # `job` was read before the first events_after: a terminal job with no later events ended
+        # before `after` (a resume past the end), so there is nothing more to send.
+        terminal_before = job.status.terminal
+        while True:
+            waiter = asyncio.ensure_future(store.wait_for_events(job.id, SSE_POLL_S))
+            try:
+                await asyncio.sleep(0)  # the waiter registers before we look: no event slips between
+                events = await store.events_after(job.id, after)
+                for event in events:
+                    await response.write(sse_frame(event))
+                    after = event.id
+                    if ends_stream(event):
+                        return response
+                if events:
+                    last_write = loop.time()
+                    continue
+                if terminal_before:
+                    return response
+                await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if stopping.done():
+                return response  # shutting down: the client resumes elsewhere with Last-Event-ID
+            if loop.time() - last_write >= SSE_KEEPALIVE_S:
+                if await store.get(job.id) is None:
+                    return response  # purged after its retention: no terminal event will come
+                await response.write(b": keepalive\n\n")
+                last_write = loop.time()
+    except (ConnectionResetError, JobsError) as exc:
+        # The response has started, so an error can no longer become a JSON body.
+        log.debug("event stream of job %s ended: %s", job.id, exc)
+        return response
+    finally:
+        stopping.cancel()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process and its event loop answer."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 while the store answers and the service is not shutting down."""
+    if request.app[STOPPING].is_set():
+        return json_response({"status": "shutting_down"}, 503)
+    try:
+        await request.app[STORE].ping()
+    except JobsError as exc:
+        return json_response({"status": "store_unavailable", "message": exc.message}, 503)
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition of this app's registry."""
+    try:
+        counts = await request.app[STORE].count_by_status()
+    except JobsError:
+        pass  # the scrape still shows every other series
+    else:
+        request.app[METRICS].queued.set(counts.get(JobStatus.QUEUED, 0))
+    body = generate_latest(request.app[PROMETHEUS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route of the jobs API on `app`."""
+    r = app.router
+    r.add_post("/v1/jobs", create_job)
+    r.add_get("/v1/jobs", list_jobs)
+    r.add_post("/v1/batches", create_batch)
+    r.add_get("/v1/jobs/{job_id}", get_job)
+    r.add_delete("/v1/jobs/{job_id}", cancel_job)
+    r.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
+    r.add_get("/v1/jobs/{job_id}/result", get_result)
+    r.add_get("/v1/jobs/{job_id}/events", job_events)
+    r.add_get("/v1/jobs/{job_id}/logs", job_logs)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)

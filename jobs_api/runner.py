@@ -1,0 +1,547 @@
+"""JobRunner: in-process asyncio workers that claim jobs under a lease and run their handlers.
+
+Life of an attempt: a worker claims the best queued job (highest priority, then oldest; the claim
+counts the attempt and leases the job to this runner), runs its handler in its own task until the
+job's deadline, then records how the attempt ended with one `store.mutate` (`settle`, pure).
+While it runs, a watch loop renews the lease every ~lease_s/3 and stops the task when the job was
+cancelled (cancel_requested in the store) or no longer belongs to this attempt. A sweeper requeues
+running jobs whose lease expired: that is how jobs of a crashed process (`kill -9`) are finished by
+the next one, within about lease_s (plus one sweep) of the crash, or at once when a restart
+happens later than that. Delivery is at least once: an attempt whose outcome could not be
+recorded runs again after its lease expires.
+
+Every change goes through `models.transition` inside `store.mutate`, guarded so that an attempt
+only ever writes to the job while the job still belongs to it (`owns`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pydantic_core
+
+from jobs_api.config import JobsSettings
+from jobs_api.errors import JobNotFound
+from jobs_api.handlers import HandlerRegistry, JobContext, PermanentError, RetryableError, backoff_s
+from jobs_api.metrics import JobsMetrics
+from jobs_api.models import Job, JobError, JobStatus, transition
+from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
+
+log = logging.getLogger(__name__)
+
+# How long a handler gets to unwind after its task was cancelled before the runner moves on.
+CANCEL_GRACE_S = 5.0
+# How often the queued-gauge is refreshed and queued jobs are checked against their deadline.
+QUEUED_GAUGE_INTERVAL_S = 2.0
+QUEUED_DEADLINE_INTERVAL_S = 5.0
+
+
+# --- pure decisions ------------------------------------------------------------------------
+
+
+class EndKind(StrEnum):
+    """How an attempt ended."""
+
+    COMPLETED = "completed"
+    RETRY = "retry"  # retryable failure: another attempt after a backoff
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    INTERRUPTED = "interrupted"  # this runner stopped before the attempt ended
+    LOST = "lost"  # the job no longer belongs to this attempt (lease expired and taken over)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEnd:
+    """The outcome of one attempt, ready to be recorded by `settle`."""
+
+    kind: EndKind
+    result: Any = None
+    error: JobError | None = None
+    delay_s: float = 0.0  # for RETRY: wait before the next attempt
+
+
+def owns(current: Job, attempt: Job) -> bool:
+    """True while the stored job still belongs to the attempt that claimed it as `attempt`."""
+    return (
+        current.status is JobStatus.RUNNING
+        and current.worker == attempt.worker
+        and current.attempts == attempt.attempts
+    )
+
+
+def timeout_error(job: Job) -> JobError:
+    """The error of a job that ran out of time."""
+    return JobError(type="timeout", message=f"job did not finish within timeout_s={job.timeout_s:g}")
+
+
+def settle(job: Job, end: AttemptEnd, now: float) -> Job:
+    """The running job after its attempt ended as `end` at `now`.
+
+    Completed wins; then a cancel request; then a permanent failure; then the deadline. A
+    retryable end requeues the job (run_after = now + delay) unless its attempts are used up.
+    """
+    if end.kind is EndKind.COMPLETED:
+        progress = job.progress.model_copy(update={"percent": 100.0})
+        return transition(job, JobStatus.COMPLETED, now, result=end.result, error=None, progress=progress)
+    if end.kind is EndKind.CANCELLED or job.cancel_requested:
+        return transition(job, JobStatus.CANCELLED, now)
+    if end.kind is EndKind.FAILED:
+        return transition(job, JobStatus.FAILED, now, error=end.error, result=end.result)
+    if end.kind is EndKind.TIMED_OUT or now >= job.deadline:
+        return transition(job, JobStatus.TIMED_OUT, now, error=timeout_error(job))
+    error = end.error or JobError(type="retryable_error", message="attempt failed", retryable=True)
+    if job.attempts >= job.max_attempts:
+        message = f"{error.message} (gave up after {job.attempts} of {job.max_attempts} attempts)"
+        return transition(job, JobStatus.FAILED, now, error=error.model_copy(update={"message": message}))
+    return transition(job, JobStatus.QUEUED, now, run_after=now + end.delay_s, error=error)
+
+
+def expire_lease(job: Job, now: float) -> Job:
+    """A running job whose lease ran out before `now`: requeued (or ended); else unchanged."""
+    if job.status is not JobStatus.RUNNING or job.lease_until is None or job.lease_until >= now:
+        return job
+    error = JobError(
+        type="worker_lost",
+        message=f"worker {job.worker} stopped renewing its lease during attempt {job.attempts}",
+        retryable=True,
+    )
+    return settle(job, AttemptEnd(EndKind.LOST, error=error), now)
+
+
+def expire_queued(job: Job, now: float) -> Job:
+    """A queued job past its deadline: timed out; else unchanged."""
+    if job.status is not JobStatus.QUEUED or now < job.deadline:
+        return job
+    return transition(job, JobStatus.TIMED_OUT, now, error=timeout_error(job))
+
+
+def attempt_outcome(end: EndKind, after: Job) -> str:
+    """The `outcome` label of jobs_attempts_total for an attempt that left the job as `after`."""
+    if after.status is JobStatus.COMPLETED:
+        return "success"
+    if after.status is JobStatus.QUEUED:
+        return "lost" if end in (EndKind.LOST, EndKind.INTERRUPTED) else "retry"
+    return after.status.value
+
+
+# --- I/O ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    """An attempt running in this process."""
+
+    job: Job
+    ctx: JobContext
+    task: asyncio.Task[Any]
+    reason: EndKind | None = None  # set when the runner itself stopped the attempt
+
+    def stop(self, reason: EndKind) -> None:
+        """Stop the attempt for `reason` (the first reason given wins)."""
+        if self.reason is None:
+            self.reason = reason
+        self.ctx.cancelled.set()
+        self.task.cancel()
+
+
+class JobRunner:
+    """Claims and runs jobs with `settings.concurrency` workers; one per process."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: JobsSettings,
+        registry: HandlerRegistry,
+        metrics: JobsMetrics,
+        *,
+        worker_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        # Unique per process start, so a restarted process never mistakes a dead one's jobs for its own.
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._session: aiohttp.ClientSession | None = None
+        self._running: dict[str, _Running] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def running_ids(self) -> list[str]:
+        """Ids of the jobs running in this process."""
+        return list(self._running)
+
+    async def start(self) -> None:
+        """Open the gateway client, recover expired leases, start workers and background loops."""
+        if self._workers:
+            raise RuntimeError(f"job runner {self.worker_id} is already running")
+        settings = self.settings
+        if urlsplit(settings.gateway_url).path not in ("", "/"):
+            # aiohttp resolves "/v1/..." against the origin: a path prefix would be dropped silently.
+            raise ValueError(
+                f"JOBS_GATEWAY_URL {settings.gateway_url!r} has a path; give the gateway's origin, "
+                "e.g. http://127.0.0.1:8080"
+            )
+        self._session = aiohttp.ClientSession(
+            base_url=settings.gateway_url,
+            timeout=aiohttp.ClientTimeout(total=settings.request_timeout_s),
+            # No pool cap: concurrency and each batch's parallel_limit already bound the requests.
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+        self._stopping = False
+        await self._guarded(self.sweep_leases)  # jobs of a crashed predecessor
+        await self._guarded(self.refresh_queued)
+        watch_s = min(1.0, settings.lease_s / 3)
+        sweep_s = max(settings.poll_interval_s, min(5.0, settings.lease_s / 2))
+        purge_s = min(60.0, settings.retention_s / 2)
+        self._loops = [
+            asyncio.create_task(self._every(watch_s, self.watch), name="jobs-watch"),
+            asyncio.create_task(self._every(sweep_s, self.sweep_leases), name="jobs-sweep-leases"),
+            asyncio.create_task(
+                self._every(QUEUED_DEADLINE_INTERVAL_S, self.sweep_queued), name="jobs-sweep-queued"
+            ),
+            asyncio.create_task(self._every(purge_s, self.purge), name="jobs-purge"),
+            asyncio.create_task(self._every(QUEUED_GAUGE_INTERVAL_S, self.refresh_queued), name="jobs-gauge"),
+        ]
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"jobs-worker-{n}") for n in range(settings.concurrency)
+        ]
+        log.info("job runner %s started with %d workers", self.worker_id, settings.concurrency)
+
+    async def stop(self) -> None:
+        """Stop claiming; give running jobs shutdown_grace_s, then interrupt and requeue them."""
+        self._stopping = True
+        self._wake.set()
+        workers, self._workers = self._workers, []
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=self.settings.shutdown_grace_s)
+            if pending:
+                log.info("interrupting %d running jobs to shut down", len(self._running))
+                for running in list(self._running.values()):
+                    running.stop(EndKind.INTERRUPTED)
+                _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE_S + 1.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        loops, self._loops = self._loops, []
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        log.info("job runner %s stopped", self.worker_id)
+
+    def wake(self) -> None:
+        """A job was just submitted: let an idle worker claim it now rather than after a poll."""
+        self._wake.set()
+
+    def cancel_local(self, job_id: str) -> None:
+        """Cancellation was requested: if `job_id` runs here, stop it now."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.stop(EndKind.CANCELLED)
+
+    # --- workers ---
+
+    async def _work(self) -> None:
+        while not self._stopping:
+            # Cleared before claiming: a wake() from here on makes the wait below return at once.
+            self._wake.clear()
+            try:
+                job = await self.store.claim(self.worker_id, self.clock(), self.settings.lease_s)
+            except Exception:
+                log.exception("claiming a job failed; retrying in %.2f s", self.settings.poll_interval_s)
+                job = None
+            if job is None:
+                try:
+                    async with asyncio.timeout(self.settings.poll_interval_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            await self._run(job)
+
+    async def _run(self, job: Job) -> None:
+        log.info(
+            "job %s (%s) running: attempt %d of %d on %s",
+            job.id,
+            job.type,
+            job.attempts,
+            job.max_attempts,
+            self.worker_id,
+        )
+        try:
+            handler = self.registry.handler(job.type)
+        except KeyError:
+            message = f"no handler for job type {job.type!r} in this process (check JOBS_HANDLERS)"
+            await self._finish(
+                job, AttemptEnd(EndKind.FAILED, error=JobError(type="unknown_type", message=message))
+            )
+            return
+        remaining = job.deadline - self.clock()
+        if remaining <= 0:
+            await self._finish(job, AttemptEnd(EndKind.TIMED_OUT))
+            return
+        assert self._session is not None, "start() the runner first"
+        ctx = JobContext(job, self._session, self.store, self.settings, clock=self.clock, rng=self.rng)
+        running = _Running(job, ctx, asyncio.create_task(self._call(handler, ctx), name=f"job-{job.id}"))
+        self._running[job.id] = running
+        self.metrics.running.inc()
+        try:
+            end = await self._attempt(running, remaining)
+        finally:
+            del self._running[job.id]
+            self.metrics.running.dec()
+        await self._finish(job, end)
+
+    @staticmethod
+    async def _call(handler: Callable[[JobContext], Awaitable[Any]], ctx: JobContext) -> Any:
+        return await handler(ctx)
+
+    async def _attempt(self, running: _Running, remaining_s: float) -> AttemptEnd:
+        """Wait for the handler until the deadline; how the attempt ended."""
+        task = running.task
+        try:
+            done, _ = await asyncio.wait({task}, timeout=remaining_s)
+            if not done:
+                running.stop(EndKind.TIMED_OUT)
+            if running.reason is not None:
+                await self._drain(running)
+        except asyncio.CancelledError:
+            # The worker itself is being cancelled (hard stop): do not leave the handler behind.
+            running.stop(EndKind.INTERRUPTED)
+            raise
+        return self._end_of(running)
+
+    async def _drain(self, running: _Running) -> None:
+        _, pending = await asyncio.wait({running.task}, timeout=CANCEL_GRACE_S)
+        if pending:
+            log.warning("job %s: handler ignored cancellation for %.0f s", running.job.id, CANCEL_GRACE_S)
+
+    def _end_of(self, running: _Running) -> AttemptEnd:
+        job, task, reason = running.job, running.task, running.reason
+        if reason is EndKind.INTERRUPTED:
+            error = JobError(
+                type="interrupted",
+                message=f"worker {self.worker_id} shut down during attempt {job.attempts}",
+                retryable=True,
+            )
+            return AttemptEnd(reason, error=error)
+        if reason is not None:
+            return AttemptEnd(reason)
+        if task.cancelled():  # cancelled by something other than the runner
+            return AttemptEnd(EndKind.INTERRUPTED)
+        exc = task.exception()
+        if exc is None:
+            return self._completed(job, task.result())
+        return self._failed(job, exc)
+
+    def _completed(self, job: Job, result: Any) -> AttemptEnd:
+        try:
+            pydantic_core.to_json(result)
+        except Exception as exc:  # the result must be storable as JSON
+            message = f"handler of {job.type!r} returned a result that is not JSON ({type(exc).__name__})"
+            log.error("job %s: %s: %s", job.id, message, exc)
+            return AttemptEnd(EndKind.FAILED, error=JobError(type="handler_error", message=message))
+        return AttemptEnd(EndKind.COMPLETED, result=result)
+
+    def _failed(self, job: Job, exc: BaseException) -> AttemptEnd:
+        settings = self.settings
+        # A custom handler calling ctx.gateway directly may let aiohttp's errors through.
+        if isinstance(exc, RetryableError | aiohttp.ClientConnectionError | TimeoutError):
+            if isinstance(exc, RetryableError):
+                error, retry_after = exc.to_error(), exc.retry_after_s
+            else:
+                message = f"gateway unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
+                error = JobError(type="gateway_unreachable", message=message, retryable=True)
+                retry_after = None
+            delay = backoff_s(
+                job.attempts, settings.backoff_base_s, settings.backoff_max_s, self.rng, retry_after
+            )
+            return AttemptEnd(EndKind.RETRY, error=error, delay_s=delay)
+        if isinstance(exc, PermanentError):
+            return AttemptEnd(EndKind.FAILED, error=exc.to_error(), result=exc.result)
+        # A bug in the handler: the traceback goes to the server log, never into the job.
+        log.error("job %s (%s): handler raised", job.id, job.type, exc_info=exc)
+        message = f"handler of {job.type!r} raised {type(exc).__name__}; see the server log"
+        return AttemptEnd(EndKind.FAILED, error=JobError(type="handler_error", message=message))
+
+    async def _finish(self, job: Job, end: AttemptEnd) -> None:
+        """Record how the attempt ended (nothing if the job no longer belongs to it)."""
+        if end.kind is EndKind.LOST:
+            log.warning("job %s: attempt %d lost its lease; its outcome is dropped", job.id, job.attempts)
+            return
+        now = self.clock()
+        changed: list[Job] = []
+
+        def change(current: Job) -> Job:
+            if not owns(current, job):
+                return current
+            changed.append(current)
+            return settle(current, end, now)
+
+        try:
+            after = await self.store.mutate(job.id, change)
+        except JobNotFound:
+            log.warning("job %s vanished while it ran", job.id)
+            return
+        except Exception:
+            log.exception(
+                "job %s: recording its %s failed; it runs again when its lease expires", job.id, end.kind
+            )
+            return
+        if not changed:
+            log.warning(
+                "job %s: attempt %d no longer owns the job; outcome %s dropped",
+                job.id,
+                job.attempts,
+                end.kind,
+            )
+            return
+        self._observe(changed[0], after, end.kind)
+        await self._log_attempt(after, end)
+
+    async def _log_attempt(self, after: Job, end: AttemptEnd) -> None:
+        if after.status is JobStatus.QUEUED and after.error is not None:
+            delay = max(0.0, after.run_after - after.updated_at)
+            reason = f"{after.error.type}: {after.error.message}"
+            line = f"attempt {after.attempts} failed ({reason}); retrying in {delay:.2f} s"
+            level = LogLevel.WARNING
+        elif after.status is JobStatus.COMPLETED:
+            line, level = f"attempt {after.attempts} completed", LogLevel.INFO
+        else:
+            detail = f" ({after.error.type}: {after.error.message})" if after.error else ""
+            line, level = f"attempt {after.attempts} ended: {after.status.value}{detail}", LogLevel.INFO
+        try:
+            await self.store.append_log(after.id, LogLine(after.updated_at, level, line))
+        except Exception:
+            log.exception("job %s: could not append to its log", after.id)
+
+    def _observe(self, before: Job, after: Job, end: EndKind) -> None:
+        """Metrics and the INFO log line of a state change."""
+        self.metrics.attempts.labels(after.type, attempt_outcome(end, after)).inc()
+        if after.status.terminal and after.finished_at is not None:
+            self.metrics.finished.labels(after.type, after.status.value).inc()
+            self.metrics.duration.labels(after.type).observe(max(0.0, after.finished_at - after.created_at))
+        error = (
+            f" ({after.error.type})"
+            if after.error is not None and after.status is not JobStatus.COMPLETED
+            else ""
+        )
+        log.info(
+            "job %s (%s): %s -> %s after attempt %d of %d%s",
+            after.id,
+            after.type,
+            before.status.value,
+            after.status.value,
+            after.attempts,
+            after.max_attempts,
+            error,
+        )
+
+    # --- background loops ---
+
+    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._guarded(step)
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception:
+            log.exception("job runner: %s failed", getattr(step, "__name__", step))
+
+    async def watch(self) -> None:
+        """Renew the leases of jobs running here; stop those cancelled or no longer ours."""
+        lease_s = self.settings.lease_s
+        for job_id, running in list(self._running.items()):
+            if running.task.done() or running.reason is not None:
+                continue
+            current = await self.store.get(job_id)
+            if current is None or not owns(current, running.job):
+                log.warning(
+                    "job %s: attempt %d no longer owns the job; stopping it", job_id, running.job.attempts
+                )
+                running.stop(EndKind.LOST)
+                continue
+            if current.cancel_requested:
+                log.info("job %s: cancellation requested; stopping it", job_id)
+                running.stop(EndKind.CANCELLED)
+                continue
+            now = self.clock()
+            # Renew once a third of the lease is used, so two missed renewals still keep it.
+            if current.lease_until is None or current.lease_until - now < lease_s * 2 / 3:
+                attempt = running.job
+                until = now + lease_s
+
+                def renew(job: Job, attempt: Job = attempt, until: float = until) -> Job:
+                    return job.model_copy(update={"lease_until": until}) if owns(job, attempt) else job
+
+                await self.store.mutate(job_id, renew)
+
+    async def sweep_leases(self) -> None:
+        """Requeue (or end) running jobs whose lease expired: their worker died or stalled."""
+        now = self.clock()
+        for job_id in await self.store.expired_leases(now):
+            await self._apply(job_id, lambda job: expire_lease(job, now), EndKind.LOST)
+
+    async def sweep_queued(self) -> None:
+        """Time out queued jobs past their deadline (claims also check it, this keeps views honest)."""
+        now = self.clock()
+        cursor: tuple[float, str] | None = None
+        while True:
+            jobs, cursor = await self.store.list_jobs(
+                JobQuery(status=JobStatus.QUEUED, created_before=now, limit=500, cursor=cursor)
+            )
+            for job in jobs:
+                if now >= job.deadline:
+                    await self._apply(job.id, lambda j: expire_queued(j, now), EndKind.TIMED_OUT)
+            if cursor is None:
+                return
+
+    async def _apply(self, job_id: str, change: Callable[[Job], Job], end: EndKind) -> None:
+        before: list[Job] = []
+
+        def record(job: Job) -> Job:
+            before.append(job)
+            return change(job)
+
+        try:
+            after = await self.store.mutate(job_id, record)
+        except JobNotFound:
+            return
+        if before and before[0] != after:
+            self._observe(before[0], after, end)
+
+    async def purge(self) -> None:
+        """Delete jobs that finished more than retention_s ago."""
+        count = await self.store.purge_finished(self.clock() - self.settings.retention_s)
+        if count:
+            log.info("purged %d jobs finished more than %g s ago", count, self.settings.retention_s)
+
+    async def refresh_queued(self) -> None:
+        """Set the jobs_queued gauge from the store."""
+        counts = await self.store.count_by_status()
+        self.metrics.queued.set(counts.get(JobStatus.QUEUED, 0))
