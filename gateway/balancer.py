@@ -67,8 +67,8 @@ def pick_p2c(cands: Sequence[C], rng: random.Random) -> C:
     """Power of two choices: sample two, keep the cheaper."""
     if len(cands) == 1:
         return cands[0]
-    if len(cands) == 2 and _uniform_weights(cands):
-        a, b = cands
+    if len(cands) == 2:
+        a, b = cands  # both are "sampled"; weights still count through cost()
     elif _uniform_weights(cands):
         a, b = rng.sample(cands, 2)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from gateway.app import GATEWAY, create_admin_app, create_app
 from gateway.config import ConfigError, GatewaySettings, Strategy, load_settings
 
 log = logging.getLogger("gateway")
+
+GC_GEN0_THRESHOLD = 20_000
 
 
 def _positive_float(text: str) -> float:
@@ -194,6 +197,7 @@ async def serve(
             len(settings.upstreams),
             ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
         )
+        tune_gc()
         if on_ready is not None:
             result = on_ready(port, admin_port)
             if result is not None:
@@ -211,6 +215,20 @@ async def serve(
         # Stops accepting, waits up to shutdown_timeout for in-flight handlers, then closes.
         await runner.cleanup()
         await admin_runner.cleanup()
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a long-running proxy.
+
+    Start-up objects (modules, settings, the app) live forever: freezing them keeps every later
+    collection from walking them again. Per-request garbage is almost all freed by reference
+    counting, so young-generation collections can run far less often than Python's default of
+    every 700 allocations, which profiles showed costing several percent of CPU under load.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -27,6 +27,7 @@ from gateway.ewma import PeakEwma
 from gateway.outlier import State, Transition, UpstreamHealth
 
 FAILURE_PENALTY_S = 1.0
+_NO_TIER = 1 << 62
 
 
 class Upstream:
@@ -109,20 +110,43 @@ class Pool:
 
     def choose(self, now: float, rng: random.Random, tried: Collection[Upstream] = ()) -> Choice | None:
         """Pick the upstream for the next attempt, or None when nothing can take it."""
-        healthy = [u for u in self.upstreams if u.health.routable(now)]
-        if healthy:
-            open_ = [u for u in healthy if u.has_capacity]
-            if not open_:
-                return None  # all healthy ones are full: shed load rather than panic
-            fresh = [u for u in open_ if u not in tried] if tried else open_
-            eligible = fresh or open_
-            tier = min(u.priority for u in eligible)
-            cands = [u for u in eligible if u.priority == tier]
+        cands, healthy = self._candidates(now, tried)
+        if cands:
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now)
             return Choice(pick(self.strategy, cands, rng), False)
+        if healthy:
+            return None  # all healthy ones are full: shed load rather than panic
         return self._panic_choice(now, tried)
+
+    def _candidates(self, now: float, tried: Collection[Upstream]) -> tuple[list[Upstream], bool]:
+        """Routable upstreams with capacity in the best tier (untried first), and if any is routable.
+
+        One pass over the upstreams, since this runs for every request.
+        """
+        healthy = False
+        fresh: list[Upstream] = []
+        fresh_tier = _NO_TIER
+        retried: list[Upstream] = []
+        retried_tier = _NO_TIER
+        for u in self.upstreams:
+            if not u.health.routable(now):
+                continue
+            healthy = True
+            if not u.has_capacity:
+                continue
+            tier = u.priority
+            if tried and u in tried:
+                if tier < retried_tier:
+                    retried_tier, retried = tier, [u]
+                elif tier == retried_tier:
+                    retried.append(u)
+            elif tier < fresh_tier:
+                fresh_tier, fresh = tier, [u]
+            elif tier == fresh_tier:
+                fresh.append(u)
+        return fresh or retried, healthy
 
     def _panic_choice(self, now: float, tried: Collection[Upstream]) -> Choice | None:
         cands = [u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried]
