@@ -1,0 +1,297 @@
+"""The Helm chart: rendered with the real Helm SDK, linted, and validated against Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from tests.deploy.chart import (
+    CHART,
+    CI_VALUES,
+    KUBE_VERSION,
+    MINIMAL,
+    Manifest,
+    by_kind,
+    container,
+    env,
+    load_values,
+    one,
+    render,
+)
+
+SCENARIOS = {p.name.removesuffix("-values.yaml"): p for p in CI_VALUES}
+HARDENED = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def scenario(name: str) -> list[Manifest]:
+    return render(load_values(SCENARIOS[name]))
+
+
+def validate_servicemonitor(doc: Manifest) -> None:
+    """The few ServiceMonitor fields the chart sets (kubernetes-validate skips CRDs)."""
+    spec = doc["spec"]
+    assert spec["selector"]["matchLabels"], "ServiceMonitor needs a selector"
+    for ep in spec["endpoints"]:
+        assert set(ep) <= {"port", "path", "interval"}, ep
+        assert ep["path"] == "/metrics"
+
+
+def validate_prometheusrule(doc: Manifest) -> None:
+    for group in doc["spec"]["groups"]:
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def test_chart_scenarios_exist() -> None:
+    assert {"sqlite", "redis", "gateway-only"} <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("values_file", ["default", *SCENARIOS])
+def test_chart_renders_valid_kubernetes_manifests(values_file: str) -> None:
+    values = MINIMAL if values_file == "default" else load_values(SCENARIOS[values_file])
+    docs = render(values)
+    assert docs
+    for doc, version in [(d, v) for d in docs for v in ("1.25.0", KUBE_VERSION, "1.37.0")]:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except SchemaNotFoundError:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
+            {"ServiceMonitor": validate_servicemonitor, "PrometheusRule": validate_prometheusrule}[
+                doc["kind"]
+            ](doc)
+
+
+@pytest.mark.parametrize("values_file", ["default", *SCENARIOS])
+def test_chart_lints_clean(values_file: str) -> None:
+    values = MINIMAL if values_file == "default" else load_values(SCENARIOS[values_file])
+    report = helm.lint(str(CHART), values, strict=True, namespace="prod", kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+def test_chart_defaults_refuse_install_without_upstreams() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"gateway\.upstreams is empty"):
+        render({})
+
+
+def test_chart_defaults_ship_monitoring_crds_off_and_dashboard_on() -> None:
+    docs = render(MINIMAL)
+    kinds = {d["kind"] for d in docs}
+    assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    assert "HorizontalPodAutoscaler" not in kinds
+    dashboard = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert len(dashboard) == 1
+    assert dashboard[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    model = json.loads(dashboard[0]["data"]["failover-gateway.json"])
+    assert model["uid"] == "failover-gateway" and model["panels"]
+
+
+def test_gateway_deployment_probes_security_and_grace() -> None:
+    docs = scenario("sqlite")
+    deploy = one(docs, "Deployment", "-gateway")
+    pod = deploy["spec"]["template"]["spec"]
+    gw = container(deploy, "gateway")
+    assert gw["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "gw-admin"}
+    assert gw["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "gw-admin"}
+    assert gw["securityContext"] == HARDENED
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    e = env(gw)
+    assert e["GATEWAY_HOST"] == "0.0.0.0" and e["GATEWAY_ADMIN_HOST"] == "0.0.0.0"
+    grace_s = float(e["GATEWAY_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > grace_s + 5  # preStop sleep + drain must fit
+    assert deploy["spec"]["replicas"] == 2
+    assert one(docs, "PodDisruptionBudget", "-gateway")["spec"]["maxUnavailable"] == 1
+
+
+def test_gateway_env_from_configmap_and_secrets() -> None:
+    docs = scenario("sqlite")
+    gw = container(one(docs, "Deployment", "-gateway"), "gateway")
+    e = env(gw)
+    cm = one(docs, "ConfigMap", "-upstreams")
+    assert e["GATEWAY_UPSTREAMS"] == {
+        "configMapKeyRef": {"name": cm["metadata"]["name"], "key": "upstreams.json"}
+    }
+    upstreams = json.loads(cm["data"]["upstreams.json"])
+    assert [u["name"] for u in upstreams] == ["vllm-a", "openai"]
+    assert e["GATEWAY_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "gateway-admin", "key": "token"}}
+    assert e["OPENAI_API_KEY"] == {"secretKeyRef": {"name": "provider-keys", "key": "openai-api-key"}}
+
+
+def test_gateway_settings_parse_the_rendered_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env the chart renders (with the ConfigMap and Secret resolved) is valid gateway config."""
+    from gateway.config import load_settings
+
+    docs = scenario("sqlite")
+    gw = container(one(docs, "Deployment", "-gateway"), "gateway")
+    upstreams = one(docs, "ConfigMap", "-upstreams")["data"]["upstreams.json"]
+    for name, value in env(gw).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GATEWAY_UPSTREAMS", upstreams)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t0ken")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    settings = load_settings()
+    assert settings.host == "0.0.0.0" and settings.admin_port == 9901
+    openai = settings.upstreams[1]
+    assert openai.headers["Authorization"] == "Bearer sk-test"
+
+
+def test_jobs_sqlite_single_replica_on_pvc_with_gateway_sidecar() -> None:
+    docs = scenario("sqlite")
+    deploy = one(docs, "Deployment", "-jobs-api")
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    jobs = container(deploy, "jobs-api")
+    sidecar = container(deploy, "gateway")
+    e = env(jobs)
+    assert e["JOBS_HOST"] == "0.0.0.0"
+    assert e["JOBS_STORE"] == "sqlite:////data/jobs.db"
+    assert e["JOBS_GATEWAY_URL"] == "http://127.0.0.1:8080"
+    assert env(sidecar)["GATEWAY_HOST"] == "127.0.0.1"  # reachable only from inside the pod
+    assert {"name": "data", "mountPath": "/data"} in jobs["volumeMounts"]
+    pvc = one(docs, "PersistentVolumeClaim", "-jobs-api")
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert jobs["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert jobs["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert jobs["securityContext"] == HARDENED and sidecar["securityContext"] == HARDENED
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+    # Jobs are accepted and queued while no upstream is routable: the sidecar does not gate readiness.
+    assert "readinessProbe" not in sidecar and sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8081"
+
+
+def test_pod_annotations_can_be_turned_off() -> None:
+    docs = scenario("gateway-only")
+    annotations = one(docs, "Deployment", "-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert not any(k.startswith("prometheus.io/") for k in annotations)
+    assert "checksum/upstreams" in annotations  # a changed upstream list rolls the pods
+    assert (
+        env(container(one(docs, "Deployment", "-gateway"), "gateway"))["GATEWAY_RETRY__MAX_ATTEMPTS"] == "2"
+    )
+
+
+def test_jobs_sqlite_refuses_more_than_one_replica() -> None:
+    with pytest.raises(helm.HelmRenderError, match="sqlite store allows exactly 1 replica"):
+        render({**MINIMAL, "jobsApi": {"replicaCount": 3}})
+    with pytest.raises(helm.HelmRenderError, match="needs jobsApi.store.type=redis"):
+        render({**MINIMAL, "jobsApi": {"autoscaling": {"enabled": True}}})
+
+
+def test_jobs_redis_url_from_secret_any_replicas() -> None:
+    docs = scenario("redis")
+    deploy = one(docs, "Deployment", "-jobs-api")
+    assert "replicas" not in deploy["spec"]  # the HPA owns it
+    hpa = one(docs, "HorizontalPodAutoscaler", "-jobs-api")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
+    e = env(container(deploy, "jobs-api"))
+    assert e["JOBS_STORE"] == {"secretKeyRef": {"name": "jobs-redis", "key": "url"}}
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    volumes = {v["name"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert "data" not in volumes
+
+
+def test_jobs_redis_inline_url_and_replicas() -> None:
+    values: dict[str, Any] = {
+        **MINIMAL,
+        "jobsApi": {"replicaCount": 4, "store": {"type": "redis", "redis": {"url": "redis://r:6379/0"}}},
+    }
+    deploy = one(render(values), "Deployment", "-jobs-api")
+    assert deploy["spec"]["replicas"] == 4
+    assert env(container(deploy, "jobs-api"))["JOBS_STORE"] == "redis://r:6379/0"
+    with pytest.raises(helm.HelmRenderError, match=r"redis\.url or jobsApi\.store\.redis\.existingSecret"):
+        render({**MINIMAL, "jobsApi": {"store": {"type": "redis"}}})
+
+
+def test_monitoring_scenario_servicemonitor_and_alerts() -> None:
+    docs = scenario("redis")
+    sm = one(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    ports = {ep["port"] for ep in sm["spec"]["endpoints"]}
+    service_ports = {p["name"] for s in by_kind(docs, "Service") for p in s["spec"]["ports"]}
+    assert ports <= service_ports
+    # The proxy port is never scraped: /metrics there would be forwarded to an upstream.
+    assert "proxy" not in ports
+    rules = one(docs, "PrometheusRule")
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {
+        "GatewayNoRoutableUpstream",
+        "GatewayUpstreamEjectedLong",
+        "GatewayUpstreamErrorRatioHigh",
+        "GatewayErrorRatioHigh",
+        "GatewayRetryBudgetExhausted",
+        "JobsFailureRatioHigh",
+        "JobsQueuedTooLong",
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gateway": {"replicaCount": 0}}, "/gateway/replicaCount"),
+        ({"gatway": {}}, "additional properties 'gatway' not allowed"),
+        ({"jobsApi": {"store": {"type": "postgres"}}}, "/jobsApi/store/type"),
+        ({"gateway": {"upstreams": [{"name": "a"}]}}, "missing property 'url'"),
+        ({"gateway": {"upstreams": [{"url": "ftp://x"}]}}, "/gateway/upstreams/0/url"),
+        ({"gateway": {"extraEnv": {"RETRY": "2"}}}, "'RETRY' does not match pattern '^GATEWAY_"),
+    ],
+)
+def test_values_schema_rejects_bad_values_clearly(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(values)
+    assert message in str(err.value)
+
+
+def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
+    """An application chart that depends on this one puts the gateway next to its container."""
+    app = tmp_path / "app"
+    (app / "templates").mkdir(parents=True)
+    (app / "charts").mkdir()
+    (app / "Chart.yaml").write_text("apiVersion: v2\nname: app\nversion: 1.0.0\n")
+    (app / "values.yaml").write_text(
+        "failoverGateway:\n"
+        "  upstreams:\n    - {name: a, url: 'http://vllm-a:8000'}\n"
+        "  providerKeys: {existingSecret: keys, env: {OPENAI_API_KEY: openai}}\n"
+        "  shutdownGraceSeconds: 20\n  preStopSleepSeconds: 5\n"
+        # The parent chart disables the subchart's own workloads.
+        "failover-gateway:\n  gateway: {enabled: false}\n  jobsApi: {enabled: false}\n"
+        "  grafana: {dashboard: {enabled: false}}\n"
+    )
+    (app / "templates" / "deployment.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: app\nspec:\n"
+        "  selector: {matchLabels: {app: app}}\n  template:\n    metadata: {labels: {app: app}}\n"
+        "    spec:\n      terminationGracePeriodSeconds: 35\n      containers:\n"
+        "        - name: app\n          image: app:1\n"
+        # As in the README: the include may span lines.
+        '        {{- include "failover-gateway.sidecar" (dict "gateway" .Values.failoverGateway\n'
+        '              "image" "ghcr.io/example/failover-gateway:0.1.0") | nindent 8 }}\n'
+    )
+    packaged = Path(helm.package(str(CHART), destination=str(tmp_path)))
+    shutil.copy(packaged, app / "charts" / packaged.name)
+    with helm.Chart.load(str(app)) as chart:
+        out = chart.render({}, name="shop", namespace="prod", is_install=True)
+    docs = [d for k, t in out.items() if not k.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    deploy = one(docs, "Deployment", "app")
+    kubernetes_validate.validate(deploy, KUBE_VERSION, strict=True)
+    gw = container(deploy, "gateway")
+    e = env(gw)
+    assert e["GATEWAY_HOST"] == "127.0.0.1"
+    assert json.loads(e["GATEWAY_UPSTREAMS"]) == [{"name": "a", "url": "http://vllm-a:8000"}]
+    assert e["OPENAI_API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "openai"}}
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["securityContext"] == HARDENED
