@@ -53,7 +53,7 @@ def _lifecycle(
             )
         store = given_store
         if store is None:
-            store = open_store(settings.store)
+            store = open_store(settings.store, prefix=settings.redis_prefix, retention_s=settings.retention_s)
             await store.open()
         app[STORE] = store
         runner = JobRunner(store, settings, app[HANDLERS], app[METRICS], clock=app[CLOCK])

@@ -163,7 +163,7 @@ def check_settings(settings: JobsSettings) -> HandlerRegistry:
     from jobs_api.store import open_store
 
     try:
-        open_store(settings.store)
+        open_store(settings.store, prefix=settings.redis_prefix)
     except ValueError as exc:
         raise UsageError(f"invalid configuration: store: {exc} (set via JOBS_STORE)") from None
     try:
@@ -197,6 +197,7 @@ async def serve(
     from aiohttp import web
 
     from jobs_api.app import STOPPING, create_app
+    from jobs_api.store import redacted_url
 
     app = create_app(settings, registry=registry)
     runner = web.AppRunner(
@@ -220,7 +221,7 @@ async def serve(
             _version(),
             host,
             port,
-            settings.store,
+            redacted_url(settings.store),
             settings.gateway_url,
         )
         if on_ready is not None:

@@ -29,6 +29,8 @@ class JobsSettings(BaseSettings):
     port: int = Field(8081, ge=0, le=65535)
     gateway_url: str = "http://127.0.0.1:8080"
     store: str = "sqlite:///./jobs.db"
+    # Start of every Redis key (redis:// stores), so several deployments can share one Redis.
+    redis_prefix: str = Field("jobs:", min_length=1, max_length=64)
     concurrency: int = Field(16, ge=1, le=1024)
     # Import paths of modules that register custom job types (comma-separated in the env).
     # NoDecode: the env value is "a.b,c.d" (or a JSON list), not JSON that pydantic-settings decodes.

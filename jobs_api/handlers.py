@@ -32,7 +32,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.headers import parse_retry_after
-from jobs_api.errors import ValidationFailed
+from jobs_api.errors import StoreUnavailable, ValidationFailed
 from jobs_api.models import Job, JobError, JobStatus, Progress
 from jobs_api.store.base import LogLevel, LogLine
 
@@ -139,10 +139,12 @@ def excerpt(body: bytes, limit: int) -> str:
 class JobContext:
     """What a handler gets: its job, a gateway client, progress/log reporting and a cancel signal.
 
-    `progress` and `log` are committed to the store before they return. After the job stopped
-    belonging to this attempt (lease lost, cancelled), `progress` writes nothing. `cancelled` is
-    set when the attempt must stop (cancel requested, deadline reached, runner shutting down),
-    just before the handler's task is cancelled; a handler may check it between steps.
+    `progress` and `log` are committed to the store before they return; while the store is
+    unavailable they are kept here (the newest progress, a bounded log) and stored by `flush`,
+    which the runner calls until it succeeds. After the job stopped belonging to this attempt
+    (lease lost, cancelled), `progress` writes nothing. `cancelled` is set when the attempt must
+    stop (cancel requested, deadline reached, runner shutting down), just before the handler's
+    task is cancelled; a handler may check it between steps.
     """
 
     def __init__(
@@ -163,6 +165,10 @@ class JobContext:
         self.clock = clock
         self.rng = rng or random.Random()
         self.cancelled = cancelled or asyncio.Event()
+        # What could not be stored yet because the store was unavailable.
+        self._unsaved_progress: tuple[Progress, float] | None = None
+        self._unsaved_logs: list[LogLine] = []
+        self._flushing = asyncio.Lock()
 
     @property
     def input(self) -> dict[str, Any]:
@@ -170,11 +176,15 @@ class JobContext:
         return self.job.input
 
     async def progress(self, percent: float, message: str | None = None, phase: str | None = None) -> None:
-        """Record progress (percent 0-100, clamped) and persist it before returning."""
+        """Record progress (percent 0-100, clamped): stored before returning, or kept until the
+        store answers again."""
         if percent != percent:  # NaN
             raise ValueError("progress percent must be a number between 0 and 100, got NaN")
         progress = Progress(percent=min(100.0, max(0.0, float(percent))), message=message, phase=phase)
-        now = self.clock()
+        self._unsaved_progress = (progress, self.clock())
+        await self.flush()
+
+    async def _store_progress(self, progress: Progress, now: float) -> None:
         attempt = self.job
 
         def change(job: Job) -> Job:
@@ -186,15 +196,39 @@ class JobContext:
 
         await self.store.mutate(self.job.id, change)
 
+    @property
+    def unsaved(self) -> bool:
+        """True while progress or log lines wait for the store to answer again."""
+        return self._unsaved_progress is not None or bool(self._unsaved_logs)
+
+    async def flush(self) -> bool:
+        """Store what was kept while the store was unavailable; False if it still is."""
+        async with self._flushing:
+            try:
+                while self._unsaved_logs:
+                    await self.store.append_log(self.job.id, self._unsaved_logs[0])
+                    del self._unsaved_logs[0]
+                pending = self._unsaved_progress
+                if pending is not None:
+                    await self._store_progress(*pending)
+                    if self._unsaved_progress is pending:  # not replaced by a newer one meanwhile
+                        self._unsaved_progress = None
+            except StoreUnavailable as exc:
+                log.warning("job %s: store unavailable (%s); keeping its progress and logs", self.job.id, exc)
+                return False
+        return True
+
     async def log(self, level: str, message: str) -> None:
-        """Append a line to the job's log; level is debug, info, warning or error."""
+        """Append a line to the job's log (stored like progress); level is debug, info, warning or error."""
         try:
             parsed = LogLevel[level.upper()]
         except KeyError:
             raise ValueError(f"log level {level!r} is not one of debug, info, warning, error") from None
         if len(message) > MAX_LOG_MESSAGE_CHARS:
             message = message[:MAX_LOG_MESSAGE_CHARS] + "…"
-        await self.store.append_log(self.job.id, LogLine(self.clock(), parsed, message))
+        self._unsaved_logs.append(LogLine(self.clock(), parsed, message))
+        del self._unsaved_logs[: -self.store.max_log_lines]
+        await self.flush()
 
     async def call(
         self,

@@ -33,7 +33,7 @@ import aiohttp
 import pydantic_core
 
 from jobs_api.config import JobsSettings
-from jobs_api.errors import JobNotFound
+from jobs_api.errors import JobNotFound, StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext, PermanentError, RetryableError, backoff_s
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobError, JobStatus, transition
@@ -121,6 +121,16 @@ def expire_lease(job: Job, now: float) -> Job:
     return settle(job, AttemptEnd(EndKind.LOST, error=error), now)
 
 
+def release(job: Job, attempt: Job, now: float) -> Job:
+    """A job claimed as `attempt` that never started (its runner began stopping): queued again
+    with the attempt uncounted; unchanged if it no longer belongs to the attempt."""
+    if not owns(job, attempt):
+        return job
+    attempts = job.attempts - 1
+    started_at = job.started_at if attempts > 0 else None
+    return transition(job, JobStatus.QUEUED, now, attempts=attempts, started_at=started_at)
+
+
 def expire_queued(job: Job, now: float) -> Job:
     """A queued job past its deadline: timed out; else unchanged."""
     if job.status is not JobStatus.QUEUED or now < job.deadline:
@@ -185,6 +195,7 @@ class JobRunner:
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._store_down = False
 
     @property
     def running_ids(self) -> list[str]:
@@ -270,9 +281,22 @@ class JobRunner:
             self._wake.clear()
             try:
                 job = await self.store.claim(self.worker_id, self.clock(), self.settings.lease_s)
+            except StoreUnavailable as exc:
+                if not self._store_down:  # once per outage, not once per worker and poll
+                    log.warning("the store is unavailable (%s); workers keep polling", exc)
+                self._store_down = True
+                job = None
             except Exception:
                 log.exception("claiming a job failed; retrying in %.2f s", self.settings.poll_interval_s)
                 job = None
+            else:
+                if self._store_down:
+                    log.info("the store answers again")
+                self._store_down = False
+            if job is not None and self._stopping:
+                # The claim was in flight when stop() began (a networked store makes that likely).
+                await self._release(job)
+                return
             if job is None:
                 try:
                     async with asyncio.timeout(self.settings.poll_interval_s):
@@ -281,6 +305,15 @@ class JobRunner:
                     pass
                 continue
             await self._run(job)
+
+    async def _release(self, job: Job) -> None:
+        now = self.clock()
+        try:
+            await self.store.mutate(job.id, lambda current: release(current, job, now))
+        except Exception:
+            log.exception("job %s: could not hand it back; it runs again when its lease expires", job.id)
+        else:
+            log.info("job %s: claimed while stopping; handed back to the queue", job.id)
 
     async def _run(self, job: Job) -> None:
         log.info(
@@ -313,7 +346,9 @@ class JobRunner:
         finally:
             del self._running[job.id]
             self.metrics.running.dec()
-        await self._finish(job, end)
+        await self._finish(job, end, ctx)
+        if ctx.unsaved and not await ctx.flush():
+            log.warning("job %s: progress and log lines kept during a store outage are lost", job.id)
 
     @staticmethod
     async def _call(handler: Callable[[JobContext], Awaitable[Any]], ctx: JobContext) -> Any:
@@ -387,8 +422,12 @@ class JobRunner:
         message = f"handler of {job.type!r} raised {type(exc).__name__}; see the server log"
         return AttemptEnd(EndKind.FAILED, error=JobError(type="handler_error", message=message))
 
-    async def _finish(self, job: Job, end: AttemptEnd) -> None:
-        """Record how the attempt ended (nothing if the job no longer belongs to it)."""
+    async def _finish(self, job: Job, end: AttemptEnd, ctx: JobContext | None = None) -> None:
+        """Record how the attempt ended (nothing if the job no longer belongs to it).
+
+        Progress and log lines the handler reported while the store was unavailable are stored
+        first, so they come before the outcome.
+        """
         if end.kind is EndKind.LOST:
             log.warning("job %s: attempt %d lost its lease; its outcome is dropped", job.id, job.attempts)
             return
@@ -396,20 +435,14 @@ class JobRunner:
         changed: list[Job] = []
 
         def change(current: Job) -> Job:
+            changed.clear()  # a store may apply a mutation more than once (optimistic retry)
             if not owns(current, job):
                 return current
             changed.append(current)
             return settle(current, end, now)
 
-        try:
-            after = await self.store.mutate(job.id, change)
-        except JobNotFound:
-            log.warning("job %s vanished while it ran", job.id)
-            return
-        except Exception:
-            log.exception(
-                "job %s: recording its %s failed; it runs again when its lease expires", job.id, end.kind
-            )
+        after = await self._record(job, end, change, ctx)
+        if after is None:
             return
         if not changed:
             log.warning(
@@ -421,6 +454,35 @@ class JobRunner:
             return
         self._observe(changed[0], after, end.kind)
         await self._log_attempt(after, end)
+
+    async def _record(
+        self, job: Job, end: AttemptEnd, change: Callable[[Job], Job], ctx: JobContext | None
+    ) -> Job | None:
+        """Apply `change`; while the store is unavailable keep the outcome and retry (until stop)."""
+        delay = 0.1
+        while True:
+            try:
+                if ctx is not None and ctx.unsaved and not await ctx.flush():
+                    raise StoreUnavailable("progress and log lines are not stored yet")
+                return await self.store.mutate(job.id, change)
+            except JobNotFound:
+                log.warning("job %s vanished while it ran", job.id)
+                return None
+            except StoreUnavailable as exc:
+                log.warning(
+                    "job %s: store unavailable (%s); keeping its %s outcome, retrying in %.1f s",
+                    job.id,
+                    exc,
+                    end.kind,
+                    delay,
+                )
+            except Exception:
+                log.exception(
+                    "job %s: recording its %s failed; it runs again when its lease expires", job.id, end.kind
+                )
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _log_attempt(self, after: Job, end: AttemptEnd) -> None:
         if after.status is JobStatus.QUEUED and after.error is not None:
@@ -470,15 +532,22 @@ class JobRunner:
     async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
         try:
             await step()
+        except StoreUnavailable as exc:
+            log.warning("job runner: %s failed: %s", getattr(step, "__name__", step), exc)
         except Exception:
             log.exception("job runner: %s failed", getattr(step, "__name__", step))
 
     async def watch(self) -> None:
-        """Renew the leases of jobs running here; stop those cancelled or no longer ours."""
+        """Renew the leases of jobs running here; stop those cancelled or no longer ours.
+
+        Also stores the progress and log lines handlers reported while the store was unavailable.
+        """
         lease_s = self.settings.lease_s
         for job_id, running in list(self._running.items()):
             if running.task.done() or running.reason is not None:
                 continue
+            if running.ctx.unsaved and not await running.ctx.flush():
+                return  # the store is still unavailable: nothing to renew or check this time
             current = await self.store.get(job_id)
             if current is None or not owns(current, running.job):
                 log.warning(
@@ -525,7 +594,7 @@ class JobRunner:
         before: list[Job] = []
 
         def record(job: Job) -> Job:
-            before.append(job)
+            before[:] = [job]  # a store may apply a mutation more than once (optimistic retry)
             return change(job)
 
         try:

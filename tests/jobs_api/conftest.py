@@ -1,22 +1,29 @@
 """Shared jobs API fixtures: settings factory, a real store on tmp_path, jobs, a real gateway.
 
-Everything runs for real on 127.0.0.1: a SQLite file under `tmp_path`, mock-inference upstreams
-and a gateway app server in front of them (fixtures from tests/conftest.py).
+Everything runs for real on 127.0.0.1: a SQLite file under `tmp_path`, a real Redis (TEST_REDIS_URL,
+default redis://127.0.0.1:6379/0; each test gets its own key prefix and deletes its keys, never
+the whole database: the server may be shared), mock-inference upstreams and a gateway app server
+in front of them (fixtures from tests/conftest.py). Without a reachable Redis the Redis tests skip,
+except in CI (CI=true), where they fail.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from gateway.app import create_app
 from jobs_api.config import JobsSettings
 from jobs_api.models import Job, new_job_id
 from jobs_api.store.base import JobStore
+from jobs_api.store.redis import RedisJobStore
 from jobs_api.store.sqlite import SqliteJobStore
 from tests.conftest import AiohttpServer, MockUpstream, StartMock, settings_for
 
@@ -64,14 +71,74 @@ async def open_sqlite(path: Path) -> SqliteJobStore:
     return store
 
 
-@pytest.fixture(params=["sqlite"])
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a Redis that answers PING; skips the test without one (fails in CI instead)."""
+    url = os.environ.get("TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        reason = f"no Redis answers at {url} ({exc}); start redis-server or set TEST_REDIS_URL"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires the Redis tests to run: {reason}")
+        pytest.skip(reason)
+    finally:
+        client.close()
+    return url
+
+
+def prefixed_keys(url: str, prefix: str) -> list[str]:
+    """Every key starting with `prefix` (SCAN, never KEYS)."""
+    assert prefix and not any(c in prefix for c in "*?[]\\"), prefix
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        return list(client.scan_iter(match=f"{prefix}*", count=1000))
+
+
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete one test's keys (never FLUSHDB: the server may be shared)."""
+    keys = prefixed_keys(url, prefix)
+    if keys:
+        with redis.Redis.from_url(url) as client:
+            client.unlink(*keys)
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix for one test; every key under it is deleted afterwards."""
+    prefix = f"test-jobs-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        delete_keys(redis_url, prefix)
+
+
+async def open_redis(url: str, prefix: str, **options: Any) -> RedisJobStore:
+    """An opened Redis store on `prefix` (the caller closes it)."""
+    store = RedisJobStore.from_url(url, prefix=prefix, **options)
+    await store.open()
+    return store
+
+
+async def open_another(store: JobStore, store_path: Path) -> JobStore:
+    """A second store on the same data: another connection (SQLite) or another replica (Redis)."""
+    if isinstance(store, RedisJobStore):
+        return await open_redis(store.url, store.keys.prefix)
+    return await open_sqlite(store_path)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, store_path: Path) -> AsyncIterator[JobStore]:
-    """An opened store, closed after the test; parametrized over backends (Redis joins later)."""
+    """An opened store, closed after the test; parametrized over the SQLite and Redis backends."""
     backend = request.param
     if backend == "sqlite":
         opened: JobStore = await open_sqlite(store_path)
-    else:  # pragma: no cover - future backends
-        raise AssertionError(f"unknown store backend {backend!r}")
+    else:
+        prefix: str = request.getfixturevalue("redis_prefix")
+        opened = await open_redis(request.getfixturevalue("redis_url"), prefix)
     try:
         yield opened
     finally:

@@ -10,8 +10,7 @@ import pytest
 from jobs_api.errors import IdempotencyConflict, InvalidTransition, JobNotFound
 from jobs_api.models import Job, JobStatus, Progress, request_cancel, transition
 from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
-from jobs_api.store.sqlite import SqliteJobStore
-from tests.jobs_api.conftest import T0, MakeJob, open_sqlite
+from tests.jobs_api.conftest import T0, MakeJob, open_another, open_sqlite
 
 
 def finished(job: Job, at: float, status: JobStatus = JobStatus.COMPLETED) -> Job:
@@ -138,10 +137,9 @@ async def test_claim_is_exclusive_under_concurrent_claimers(
     jobs = [make_job() for _ in range(30)]
     for job in jobs:
         await store.create(job)
-    # A second connection to the same file competes too (SQLite: another process's view).
-    others: list[JobStore] = []
-    if isinstance(store, SqliteJobStore):
-        others.append(await open_sqlite(store_path))
+    # A second store on the same data competes too (SQLite: another connection to the file;
+    # Redis: another replica).
+    others = [await open_another(store, store_path)]
     try:
         stores = [store, *others]
 
