@@ -205,9 +205,9 @@ class Proxy:
         self._idle_s = t.idle_s
         self._deadline_s = t.deadline_s
         self._deadline_header = t.deadline_header
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=t.connect_s, sock_connect=t.connect_s, sock_read=None
-        )
+        # Only sock_connect: with no connection limit there is no pool wait to bound, and a
+        # `connect` timeout would arm a timer on every request, even on reused connections.
+        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
         self._access_log = settings.access_log
         self._loop = asyncio.get_running_loop()
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
@@ -491,8 +491,11 @@ class Proxy:
                 }
             }
             prefix = b"" if ended_on_boundary else b"\n\n"
-            await out.write(prefix + b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
-            await out.write_eof()
+            try:
+                await out.write(prefix + b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
+                await out.write_eof()
+            except ConnectionResetError:
+                self._metrics.client_disconnects.inc()
             return
         # Closing without the final chunk (or short of Content-Length) tells the client the
         # body is truncated; a clean end would pass a partial body off as complete.
