@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.budget import RetryGate
 from gateway.config import GatewaySettings
 from gateway.health import HealthProber
-from gateway.metrics import EJECTION_REASONS, GatewayMetrics
+from gateway.metrics import GatewayMetrics
 from gateway.outlier import Transition
 from gateway.pool import Pool, Upstream
 from gateway.proxy import Proxy
@@ -97,9 +97,9 @@ class Gateway:
 
     def _on_transition(self, up: Upstream, change: Transition, now: float) -> None:
         log.info("upstream %s: %s -> %s (%s)", up.name, change.before, change.after, change.reason)
-        reason = EJECTION_REASONS.get(change.after)
-        if reason is not None:
-            self.metrics.per_upstream[up.name].ejections[change.after].inc()
+        ejection = self.metrics.per_upstream[up.name].ejections.get(change.after)
+        if ejection is not None:
+            ejection.inc()
         self.events.append(
             {
                 "time": self.wall_clock(),

@@ -74,7 +74,11 @@ class _Exchange:
     started: float
     attempts: int = 0
     tried: list[Upstream] = field(default_factory=list)
-    upstream: Upstream | None = None
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The upstream of the latest attempt."""
+        return self.tried[-1] if self.tried else None
 
 
 class ReplayBuffers:
@@ -281,7 +285,6 @@ class Proxy:
             same_upstream = up in ex.tried
             ex.attempts += 1
             ex.tried.append(up)
-            ex.upstream = up
             up.inflight += 1
             try:
                 try:
