@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
-from gateway.app import GATEWAY, create_admin_app, create_app
+from gateway.app import build_gateway, create_admin_app, start_proxy_server
 from gateway.config import ConfigError, GatewaySettings, Strategy, load_settings
+from gateway.http_server import HttpServer
 
 log = logging.getLogger("gateway")
 
@@ -167,25 +168,16 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve the proxy and admin apps until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
-    app = create_app(settings)
-    admin = create_admin_app(app)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handler_cancellation=True,  # a client that leaves must not keep an upstream generating
-        shutdown_timeout=settings.shutdown_grace_s,
-        max_line_size=settings.max_header_bytes,
-        max_field_size=settings.max_header_bytes,
-    )
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+    gateway = build_gateway(settings)
+    await gateway.start()
+    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
+    server: HttpServer | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-        await site.start()
+        server = await start_proxy_server(gateway)
         admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
         await admin_site.start()
-        port = _bound_port(runner)
+        port = server.port
         admin_port = _bound_port(admin_runner)
         log.info(
             "gateway %s serving on http://%s:%d (admin http://%s:%d), %d upstream(s): %s",
@@ -210,11 +202,13 @@ async def serve(
         log.info(
             "shutting down: no new connections, %.0f s for in-flight requests", settings.shutdown_grace_s
         )
-        app[GATEWAY].draining = True
+        gateway.draining = True
     finally:
-        # Stops accepting, waits up to shutdown_timeout for in-flight handlers, then closes.
-        await runner.cleanup()
+        # Stops accepting, waits up to the grace period for in-flight requests, then closes.
+        if server is not None:
+            await server.shutdown(settings.shutdown_grace_s)
         await admin_runner.cleanup()
+        await gateway.close()
 
 
 def tune_gc() -> None:

@@ -14,14 +14,10 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.budget import RetryGate
 from gateway.classify import Outcome, classify_status
@@ -34,7 +30,17 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.headers import client_response_headers, parse_retry_after, upstream_request_headers
+from gateway.headers import (
+    NO_STATIC,
+    RequestFieldReader,
+    RequestFields,
+    StaticFields,
+    client_response_fields,
+    parse_retry_after,
+    upstream_request_fields,
+)
+from gateway.http_client import BadResponse, ConnectFailed, ConnectionLost, UpstreamClient, UpstreamResponse
+from gateway.http_server import Request, RequestBody, Responder
 from gateway.metrics import GatewayMetrics
 from gateway.pool import Choice, Pool, Upstream
 from gateway.retry import GiveUp, RetryPolicy, backoff_s
@@ -42,7 +48,7 @@ from gateway.retry import GiveUp, RetryPolicy, backoff_s
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
-_SSE = "text/event-stream"
+_SSE = b"text/event-stream"
 # Give-up reasons where a retry was wanted but not allowed (gateway_retries_skipped_total).
 _SKIPPED_RETRY_REASONS = frozenset({"body_not_replayable", "deadline"})
 
@@ -61,7 +67,7 @@ class _AttemptFailed(Exception):
 class _Body:
     """The request body: bytes that can be replayed, or a stream that can be sent once."""
 
-    data: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None
+    data: bytes | AsyncIterator[bytes] | None
     replayable: bool
     reserved: int = 0
 
@@ -70,10 +76,11 @@ class _Body:
 class _Exchange:
     """What one request has been through so far, for metrics, headers and the access log."""
 
-    request_id: str
+    request_id: bytes
     started: float
     attempts: int = 0
     tried: list[Upstream] = field(default_factory=list)
+    plain_fields: bytes | None = None  # the upstream header block, when no upstream adds its own
 
     @property
     def upstream(self) -> Upstream | None:
@@ -102,78 +109,12 @@ class ReplayBuffers:
         self.in_use -= n
 
 
-class _IdleWatchdog:
-    """Closes the upstream response after `idle_s` without a chunk, with one timer per period.
-
-    Re-arming a timer on every chunk would cost a timer handle per chunk; instead the chunk loop
-    only stamps the time, and the timer re-arms itself for the remainder when it fires early.
-    """
-
-    __slots__ = ("_handle", "_idle_s", "_loop", "_on_expire", "expired", "last")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_s: float, on_expire: Callable[[], None]) -> None:
-        self._loop = loop
-        self._idle_s = idle_s
-        self._on_expire = on_expire
-        self.expired = False
-        self.last = loop.time()
-        self._handle = loop.call_at(self.last + idle_s, self._check)
-
-    def touch(self) -> None:
-        """A chunk arrived."""
-        self.last = self._loop.time()
-
-    def _check(self) -> None:
-        deadline = self.last + self._idle_s
-        if self._loop.time() >= deadline:
-            self.expired = True
-            self._on_expire()
-        else:
-            self._handle = self._loop.call_at(deadline, self._check)
-
-    def cancel(self) -> None:
-        """Stop watching."""
-        self._handle.cancel()
-
-
-class _AttemptTimer:
-    """Cancels the current task after `timeout_s`; a lighter `asyncio.timeout` for the hot path.
-
-    Same contract as asyncio.timeout: after a CancelledError, `expired()` says whether it came
-    from this timer (and then takes the cancellation back) or from elsewhere (client gone).
-    """
-
-    __slots__ = ("_cancelling", "_fired", "_handle", "_task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
-        task = asyncio.current_task(loop)
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._fired = False
-        self._handle = loop.call_later(timeout_s, self._fire)
-
-    def _fire(self) -> None:
-        self._fired = True
-        self._task.cancel()
-
-    def expired(self) -> bool:
-        """True if the CancelledError being handled is this timer's (and absorb it)."""
-        return self._fired and self._task.uncancel() <= self._cancelling
-
-    def cancel(self) -> None:
-        """The operation finished; disarm."""
-        self._handle.cancel()
-
-
 def _outcome_of(exc: BaseException) -> Outcome:
-    """Map a transport exception before response headers to an outcome."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    """Map a failure before response headers to an outcome."""
+    if isinstance(exc, ConnectFailed):
         return Outcome.CONNECT_ERROR
     if isinstance(exc, TimeoutError):
         return Outcome.TIMEOUT
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return Outcome.CONNECT_ERROR
     return Outcome.RESET
 
 
@@ -184,7 +125,7 @@ class Proxy:
         self,
         settings: GatewaySettings,
         pool: Pool,
-        session: aiohttp.ClientSession,
+        clients: Sequence[UpstreamClient],
         metrics: GatewayMetrics,
         retry_gate: RetryGate,
         *,
@@ -194,7 +135,9 @@ class Proxy:
     ) -> None:
         self._settings = settings
         self._pool = pool
-        self._session = session
+        self._clients = clients  # by Upstream.index
+        self._static = [StaticFields(up.headers) if up.headers else NO_STATIC for up in pool.upstreams]
+        self._names = [up.name.encode() for up in pool.upstreams]
         self._metrics = metrics
         self._retry_gate = retry_gate
         self._budget_wait_s = settings.retry.budget_wait_s
@@ -209,31 +152,28 @@ class Proxy:
         self._idle_s = t.idle_s
         self._deadline_s = t.deadline_s
         self._deadline_header = t.deadline_header
-        # Only sock_connect: with no connection limit there is no pool wait to bound, and a
-        # `connect` timeout would arm a timer on every request, even on reused connections.
-        self._client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
+        self._deadline_key = t.deadline_header.lower().encode()
+        self._fields = RequestFieldReader(extra=(t.deadline_header,))
         self._access_log = settings.access_log
         self._loop = asyncio.get_running_loop()
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
         # and much cheaper on the hot path.
-        self._id_prefix = os.urandom(8).hex()
+        self._id_prefix = os.urandom(8).hex().encode()
         self._ids = itertools.count(1)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """aiohttp handler for every proxied route."""
-        request_id = request.headers.get("X-Request-ID") or f"{self._id_prefix}{next(self._ids):016x}"
+    async def handle(self, request: Request, responder: Responder) -> None:
+        """Server handler for every proxied request."""
+        fields = self._fields.read(request.fields)
+        request_id = fields.get(b"x-request-id") or b"%b%016x" % (self._id_prefix, next(self._ids))
         ex = _Exchange(request_id, self._clock())
         self._retry_gate.request_started()
         status = 499
         try:
-            response = await self._serve(request, ex)
-            status = response.status
-            return response
+            status = await self._serve(request, fields, responder, ex)
         except GatewayError as err:
-            response = self._error_response(err, ex)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
+            status = err.status
+            self._send_error(responder, err, ex)
+        except (asyncio.CancelledError, ConnectionResetError):
             self._metrics.client_disconnects.inc()
             raise
         finally:
@@ -243,31 +183,26 @@ class Proxy:
             if self._access_log:
                 self._log_access(request, ex, status, duration)
 
-    async def _serve(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
-        deadline = self._deadline(request, ex.started)
-        body = await self._read_body(request)
+    async def _serve(
+        self, request: Request, fields: RequestFields, responder: Responder, ex: _Exchange
+    ) -> int:
+        deadline = self._deadline(fields, ex.started)
+        body = await self._read_body(request, fields)
         try:
-            base_headers = upstream_request_headers(
-                request.headers,
-                client_ip=request.remote,
-                scheme=request.scheme,
-                host=request.host,
-                request_id=ex.request_id,
-                static=(),
-            )
-            return await self._attempts(request, ex, body, base_headers, deadline)
+            return await self._attempts(request, fields, responder, ex, body, deadline)
         finally:
             if body.reserved:
                 self._buffers.release(body.reserved)
 
     async def _attempts(
         self,
-        request: web.Request,
+        request: Request,
+        fields: RequestFields,
+        responder: Responder,
         ex: _Exchange,
         body: _Body,
-        base_headers: CIMultiDict[str],
         deadline: float | None,
-    ) -> web.StreamResponse:
+    ) -> int:
         now = self._clock()
         choice = self._pool.choose(now, self._rng)
         if choice is None:
@@ -278,6 +213,7 @@ class Proxy:
             up = choice.upstream
             if choice.panic:
                 self._metrics.panic.inc()
+            block = self._upstream_fields(request, fields, ex, up)
             # Every attempt after the first runs on a retry slot taken by _next_choice; the slot
             # is held until the attempt's headers arrive (or it fails), never while deciding the
             # next retry, so retries waiting for slots cannot hold each other up.
@@ -292,7 +228,7 @@ class Proxy:
                         delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
                         if delay:
                             await asyncio.sleep(delay)
-                    resp = await self._send(request, up, body, base_headers, deadline)
+                    resp = await self._send(request, up, block, body, fields.content_length, deadline)
                 finally:
                     if holds_slot:
                         self._retry_gate.release()
@@ -311,13 +247,29 @@ class Proxy:
                     outcome = classify_status(resp.status)
                     next_choice = await self._next_choice(ex, outcome, resp.status, body, deadline)
                     if next_choice is not None:
-                        resp.release()
                         choice = next_choice
                         continue
-                return await self._relay(request, resp, up, ex)
+                return await self._relay(request, responder, resp, up, ex)
             finally:
                 resp.close()
                 up.inflight -= 1
+
+    def _upstream_fields(self, request: Request, fields: RequestFields, ex: _Exchange, up: Upstream) -> bytes:
+        """The header block for `up`; built once per request unless the upstream adds its own."""
+        static = self._static[up.index]
+        if static is NO_STATIC and ex.plain_fields is not None:
+            return ex.plain_fields
+        block = upstream_request_fields(
+            fields,
+            client_ip=request.peer,
+            scheme=b"http",
+            host=fields.get(b"host"),
+            request_id=ex.request_id,
+            static=static,
+        )
+        if static is NO_STATIC:
+            ex.plain_fields = block
+        return block
 
     async def _next_choice(
         self,
@@ -356,12 +308,13 @@ class Proxy:
 
     async def _send(
         self,
-        request: web.Request,
+        request: Request,
         up: Upstream,
+        block: bytes,
         body: _Body,
-        base_headers: CIMultiDict[str],
+        length: int | None,
         deadline: float | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """One attempt up to response headers; records its outcome in pool and metrics."""
         timeout_s = self._attempt_timeout_s
         deadline_bound = False
@@ -369,44 +322,33 @@ class Proxy:
         if deadline is not None and deadline - started < timeout_s:
             timeout_s = deadline - started
             deadline_bound = True
-        headers = base_headers
-        if up.headers:
-            headers = base_headers.copy()
-            headers.update(up.headers)
-        url = URL(up.base_url + request.raw_path, encoded=True)
         um = self._metrics.per_upstream[up.name]
         try:
             if timeout_s <= 0:
                 raise TimeoutError
-            timer = _AttemptTimer(self._loop, timeout_s)
-            try:
-                resp = await self._session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body.data,
-                    allow_redirects=False,
-                    timeout=self._client_timeout,
-                )
-            except asyncio.CancelledError:
-                if timer.expired():
-                    raise TimeoutError from None
-                raise
-            finally:
-                timer.cancel()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp = await self._clients[up.index].request(
+                request.method,
+                request.target,
+                block,
+                body.data,
+                length=length,
+                deadline=self._loop.time() + timeout_s,
+                idle_s=self._idle_s,
+            )
+        except (ConnectFailed, ConnectionLost, BadResponse, TimeoutError, OSError) as exc:
             outcome = _outcome_of(exc)
             now = self._clock()
             self._pool.record(up, outcome, now, now - started)
             um.outcomes[outcome].inc()
             hit = deadline_bound and outcome is Outcome.TIMEOUT
-            raise _AttemptFailed(outcome, f"{type(exc).__name__}: {exc}".rstrip(": "), hit) from None
+            detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            raise _AttemptFailed(outcome, detail, hit) from None
         now = self._clock()
         ttfb = now - started
         outcome = classify_status(resp.status)
         retry_after = None
         if outcome is Outcome.RATE_LIMITED:
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock())
+            retry_after = parse_retry_after(_field(resp.fields, b"retry-after"), self._wall_clock())
         self._pool.record(up, outcome, now, ttfb, retry_after)
         um.outcomes[outcome].inc()
         um.ttfb.observe(ttfb)
@@ -426,55 +368,55 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
+        request: Request,
+        responder: Responder,
+        resp: UpstreamResponse,
         up: Upstream,
         ex: _Exchange,
-    ) -> web.StreamResponse:
+    ) -> int:
         """Stream the upstream response to the client; failover is over once this starts."""
-        out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=client_response_headers(resp.headers)
+        out = client_response_fields(resp.fields)
+        tracing = b"X-Request-ID: %b\r\nX-Gateway-Upstream: %b\r\nX-Gateway-Attempts: %d\r\n" % (
+            ex.request_id,
+            self._names[up.index],
+            ex.attempts,
         )
-        out.headers["X-Request-ID"] = ex.request_id
-        out.headers["X-Gateway-Upstream"] = up.name
-        out.headers["X-Gateway-Attempts"] = str(ex.attempts)
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
-        is_sse = resp.content_type == _SSE
-        watchdog = _IdleWatchdog(self._loop, self._idle_s, resp.close)
-        ended_on_boundary = True
+        responder.start(resp.status, resp.reason, out.block + tracing, out.content_length)
         try:
-            await out.prepare(request)
-            content = resp.content
+            data = resp.take_buffered()
+            if resp.complete:
+                await responder.write(data)
+                responder.end()
+                return resp.status
+            if data:
+                await responder.write(data)
+            else:
+                responder.flush()  # headers now: the first body bytes may take a while (SSE)
+            is_sse = out.content_type is not None and out.content_type.startswith(_SSE)
+            ended_on_boundary = not data or data.endswith((b"\n\n", b"\r\n\r\n"))
             while True:
                 try:
-                    chunk = await content.readany()
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    outcome = Outcome.TIMEOUT if watchdog.expired else Outcome.RESET
-                    detail = "idle timeout" if watchdog.expired else type(exc).__name__
-                    await self._abort_stream(request, out, up, outcome, detail, is_sse, ended_on_boundary)
-                    return out
+                    chunk = await resp.read()
+                except (TimeoutError, ConnectionLost, BadResponse) as exc:
+                    timed_out = isinstance(exc, TimeoutError)
+                    outcome = Outcome.TIMEOUT if timed_out else Outcome.RESET
+                    detail = "idle timeout" if timed_out else type(exc).__name__
+                    await self._abort_stream(responder, up, outcome, detail, is_sse, ended_on_boundary)
+                    return resp.status
                 if not chunk:
                     break
-                watchdog.touch()
                 if is_sse:
-                    ended_on_boundary = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
-                try:
-                    await out.write(chunk)
-                except ConnectionResetError:
-                    # The client went away; closing the upstream response stops the generation.
-                    self._metrics.client_disconnects.inc()
-                    return out
-            await out.write_eof()
-            resp.release()
-            return out
-        finally:
-            watchdog.cancel()
+                    ended_on_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n"))
+                await responder.write(chunk)
+            responder.end()
+        except ConnectionResetError:
+            # The client went away; closing the upstream response (by the caller) stops the generation.
+            self._metrics.client_disconnects.inc()
+        return resp.status
 
     async def _abort_stream(
         self,
-        request: web.Request,
-        out: web.StreamResponse,
+        responder: Responder,
         up: Upstream,
         outcome: Outcome,
         detail: str,
@@ -494,84 +436,84 @@ class Proxy:
                 }
             }
             prefix = b"" if ended_on_boundary else b"\n\n"
-            try:
-                await out.write(prefix + b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
-                await out.write_eof()
-            except ConnectionResetError:
-                self._metrics.client_disconnects.inc()
+            await responder.write(prefix + b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
+            responder.end()
             return
         # Closing without the final chunk (or short of Content-Length) tells the client the
         # body is truncated; a clean end would pass a partial body off as complete.
-        transport = request.transport
-        if transport is not None:
-            transport.close()
+        responder.abort()
 
-    async def _read_body(self, request: web.Request) -> _Body:
+    async def _read_body(self, request: Request, fields: RequestFields) -> _Body:
         """Buffer a body up to the replay limit so it can be retried; stream larger ones once."""
-        if not request.body_exists:
+        length = fields.content_length
+        if length is None and not fields.chunked:
             return _Body(None, True)
-        length = request.content_length
+        stream = request.body
         limit = self._replay_limit
         if length is not None:
             if length > limit or not self._buffers.reserve(length):
-                return _Body(request.content, False)
-            try:
-                data = await request.content.readexactly(length)
-            except asyncio.IncompleteReadError:
+                return _Body(_rest(stream), False)
+            data = await stream.read_all()
+            if len(data) != length:
                 self._buffers.release(length)
-                raise BadRequest("request body ended before its Content-Length") from None
+                raise BadRequest("request body ended before its Content-Length")
             return _Body(data, True, length)
         # Chunked upload of unknown size: buffer until it ends or passes the limit.
         if not self._buffers.reserve(limit):
-            return _Body(request.content, False)
+            return _Body(_rest(stream), False)
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
+        while chunk := await stream.read():
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
                 self._buffers.release(limit)
-                return _Body(_chain(chunks, request), False)
+                return _Body(_rest(stream, chunks), False)
         self._buffers.release(limit - size)
         return _Body(b"".join(chunks), True, size)
 
-    def _deadline(self, request: web.Request, started: float) -> float | None:
+    def _deadline(self, fields: RequestFields, started: float) -> float | None:
         budget = self._deadline_s
-        raw = request.headers.get(self._deadline_header)
+        raw = fields.get(self._deadline_key)
         if raw is not None:
             try:
                 asked = float(raw)
             except ValueError:
                 asked = math.nan
             if not math.isfinite(asked) or asked <= 0:
-                raise BadRequest(f"{self._deadline_header} must be a positive number of seconds, got {raw!r}")
+                shown = raw.decode("latin-1")
+                raise BadRequest(
+                    f"{self._deadline_header} must be a positive number of seconds, got {shown!r}"
+                )
             budget = asked if budget is None else min(budget, asked)
         return None if budget is None else started + budget
 
-    def _error_response(self, err: GatewayError, ex: _Exchange) -> web.Response:
+    def _send_error(self, responder: Responder, err: GatewayError, ex: _Exchange) -> None:
+        request_id = ex.request_id.decode("latin-1")
         payload = {
             "error": {
                 "type": err.error_type,
                 "message": err.message,
-                "request_id": ex.request_id,
+                "request_id": request_id,
                 "attempts": ex.attempts,
                 "upstreams_tried": [u.name for u in ex.tried],
             }
         }
-        resp = web.Response(status=err.status, body=orjson.dumps(payload), content_type="application/json")
-        resp.headers["X-Request-ID"] = ex.request_id
-        resp.headers["X-Gateway-Attempts"] = str(ex.attempts)
+        fields = b"Content-Type: application/json\r\nX-Request-ID: %b\r\nX-Gateway-Attempts: %d\r\n" % (
+            ex.request_id,
+            ex.attempts,
+        )
         if err.retry_after_s is not None:
-            resp.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-        return resp
+            fields += b"Retry-After: %d\r\n" % max(1, math.ceil(err.retry_after_s))
+        responder.send(err.status, fields, orjson.dumps(payload))
 
-    def _log_access(self, request: web.Request, ex: _Exchange, status: int, duration: float) -> None:
+    def _log_access(self, request: Request, ex: _Exchange, status: int, duration: float) -> None:
         access_log.info(
             orjson.dumps(
                 {
                     "ts": self._wall_clock(),
-                    "request_id": ex.request_id,
-                    "method": request.method,
+                    "request_id": ex.request_id.decode("latin-1"),
+                    "method": request.method.decode("latin-1"),
                     "path": request.path,
                     "status": status,
                     "upstream": ex.upstream.name if ex.upstream else None,
@@ -582,9 +524,17 @@ class Proxy:
         )
 
 
-async def _chain(head: list[bytes], request: web.Request) -> AsyncIterator[bytes]:
-    """The buffered start of a body followed by the rest still on the socket."""
-    for chunk in head:
+def _field(fields: list[tuple[bytes, bytes]], lname: bytes) -> str | None:
+    """The first value of a field (`lname` in lower case), as text."""
+    for name, value in fields:
+        if name.lower() == lname:
+            return value.decode("latin-1")
+    return None
+
+
+async def _rest(body: RequestBody, head: list[bytes] | None = None) -> AsyncIterator[bytes]:
+    """The buffered start of a body (if any) followed by the rest still on the socket."""
+    for chunk in head or ():
         yield chunk
-    while chunk := await request.content.readany():
+    while chunk := await body.read():
         yield chunk

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp.client import _RequestContextManager
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.app import GATEWAY, Gateway, create_admin_app, create_app
+from gateway.app import Gateway, build_gateway, create_admin_app, start_proxy_server
 from gateway.config import GatewaySettings
+from gateway.http_server import HttpServer
 from gateway.mock_inference import MOCK_BEHAVIOUR, MOCK_STATS, MockBehaviour, MockStats, create_mock_app
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
@@ -86,18 +88,42 @@ def settings_for(*upstreams: str | dict[str, Any], **overrides: Any) -> GatewayS
     return GatewaySettings(upstreams=list(upstreams), **base)
 
 
+class LoopbackClient:
+    """An aiohttp client bound to one server's base URL, with TestClient's request methods."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = aiohttp.ClientSession()
+
+    def make_url(self, path: str) -> str:
+        return self.base_url + path
+
+    def request(self, method: str, path: str, **kwargs: Any) -> _RequestContextManager:
+        return self.session.request(method, self.base_url + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> _RequestContextManager:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> _RequestContextManager:
+        return self.request("POST", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> _RequestContextManager:
+        return self.request("HEAD", path, **kwargs)
+
+
 @dataclass
 class RunningGateway:
     """A gateway under test: its proxy client, admin client and live state."""
 
-    client: TestClient[Any, Any]
+    client: LoopbackClient
     admin: TestClient[Any, Any]
-    app: web.Application
+    state: Gateway
+    server: HttpServer
     registry: CollectorRegistry
 
     @property
-    def state(self) -> Gateway:
-        return self.app[GATEWAY]
+    def url(self) -> str:
+        return self.client.base_url
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.registry.get_sample_value(name, labels or {})
@@ -108,17 +134,30 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-def start_gateway(aiohttp_client: AiohttpClient) -> StartGateway:
-    """Start a gateway in front of upstreams: `await start_gateway(a.spec, b.spec, retry={...})`."""
+async def start_gateway(aiohttp_client: AiohttpClient) -> AsyncIterator[StartGateway]:
+    """Start a gateway in front of upstreams: `await start_gateway(a.spec, b.spec, retry={...})`.
+
+    The proxy runs on the gateway's own HTTP server on a free loopback port, as in production.
+    """
+    started: list[RunningGateway] = []
 
     async def start(*upstreams: str | dict[str, Any], **overrides: Any) -> RunningGateway:
         registry = CollectorRegistry()
-        app = create_app(settings_for(*upstreams, **overrides), registry=registry)
-        client = await aiohttp_client(app)
-        admin = await aiohttp_client(create_admin_app(app))
-        return RunningGateway(client, admin, app, registry)
+        settings = settings_for(*upstreams, **{"host": "127.0.0.1", "port": 0, **overrides})
+        gateway = build_gateway(settings, registry=registry)
+        await gateway.start()
+        server = await start_proxy_server(gateway)
+        client = LoopbackClient(f"http://127.0.0.1:{server.port}")
+        admin = await aiohttp_client(create_admin_app(gateway))
+        running = RunningGateway(client, admin, gateway, server, registry)
+        started.append(running)
+        return running
 
-    return start
+    yield start
+    for running in reversed(started):
+        await running.client.session.close()
+        await running.server.shutdown(0)
+        await running.state.close()
 
 
 @pytest.fixture

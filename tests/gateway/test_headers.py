@@ -7,18 +7,33 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway.headers import (
     HOP_BY_HOP,
-    client_response_headers,
+    RequestFieldReader,
+    StaticFields,
+    client_response_fields,
     parse_retry_after,
-    upstream_request_headers,
+    upstream_request_fields,
 )
 
+Fields = list[tuple[bytes, bytes]]
 
-def hdrs(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
-    return CIMultiDictProxy(CIMultiDict(pairs))
+
+def raw(*pairs: tuple[str, str]) -> Fields:
+    return [(n.encode(), v.encode()) for n, v in pairs]
+
+
+def parse_block(block: bytes) -> CIMultiDict[str]:
+    """A header block ("Name: value\\r\\n" lines) back into a multidict, checking its form."""
+    out: CIMultiDict[str] = CIMultiDict()
+    assert block == b"" or block.endswith(b"\r\n")
+    for line in block.split(b"\r\n")[:-1]:
+        name, sep, value = line.partition(b": ")
+        assert sep and name and b"\n" not in line
+        out.add(name.decode(), value.decode())
+    return out
 
 
 def up(
@@ -29,14 +44,26 @@ def up(
     request_id: str = "req-1",
     static: Iterable[tuple[str, str]] = (),
 ) -> CIMultiDict[str]:
-    return upstream_request_headers(
-        hdrs(*pairs),
+    fields = raw(*pairs)
+    if host is not None:
+        fields.append((b"Host", host.encode()))
+    block = upstream_request_fields(
+        RequestFieldReader().read(fields),
         client_ip=client_ip,
-        scheme=scheme,
-        host=host,
-        request_id=request_id,
-        static=static,
+        scheme=scheme.encode(),
+        host=host.encode() if host else None,
+        request_id=request_id.encode(),
+        static=StaticFields(static),
     )
+    return parse_block(block)
+
+
+def client_response_headers(pairs: Fields) -> CIMultiDict[str]:
+    return parse_block(client_response_fields(pairs).block)
+
+
+def hdrs(*pairs: tuple[str, str]) -> Fields:
+    return raw(*pairs)
 
 
 HOP_HEADERS = [
@@ -177,10 +204,28 @@ def test_request_static_headers_override_forwarding_headers() -> None:
 
 def test_request_input_not_modified() -> None:
     incoming = hdrs(("Connection", "close"), ("X-Forwarded-For", "1.2.3.4"))
-    upstream_request_headers(
-        incoming, client_ip="5.6.7.8", scheme="http", host=None, request_id="r", static=()
-    )
-    assert list(incoming.items()) == [("Connection", "close"), ("X-Forwarded-For", "1.2.3.4")]
+    fields = RequestFieldReader().read(incoming)
+    upstream_request_fields(fields, client_ip="5.6.7.8", scheme=b"http", host=None, request_id=b"r")
+    assert incoming == [(b"Connection", b"close"), (b"X-Forwarded-For", b"1.2.3.4")]
+
+
+def test_request_framing_read_and_not_forwarded() -> None:
+    fields = RequestFieldReader().read(hdrs(("Content-Length", "12"), ("X-A", "1")))
+    assert fields.content_length == 12 and not fields.chunked
+    chunked = RequestFieldReader().read(hdrs(("Transfer-Encoding", "chunked")))
+    assert chunked.content_length is None and chunked.chunked
+    out = up(("Content-Length", "12"), ("Transfer-Encoding", "chunked"), ("X-A", "1"))
+    assert "Content-Length" not in out and "Transfer-Encoding" not in out
+    assert out["X-A"] == "1"
+
+
+def test_request_extra_names_captured_and_still_forwarded() -> None:
+    reader = RequestFieldReader(extra=("X-Gateway-Timeout",))
+    fields = reader.read(hdrs(("x-gateway-timeout", "2.5"), ("X-Request-Id", "abc")))
+    assert fields.get(b"x-gateway-timeout") == b"2.5"
+    assert fields.get(b"x-request-id") == b"abc"
+    block = upstream_request_fields(fields, client_ip=None, scheme=b"http", host=None, request_id=b"abc")
+    assert parse_block(block)["X-Gateway-Timeout"] == "2.5"
 
 
 # --- response direction --------------------------------------------------------------------
@@ -197,6 +242,29 @@ def test_response_content_length_dropped() -> None:
     out = client_response_headers(hdrs(("Content-Length", "42"), ("content-type", "a/b")))
     assert "Content-Length" not in out
     assert out["Content-Type"] == "a/b"
+
+
+def test_response_values_the_gateway_reads() -> None:
+    fields = client_response_fields(
+        hdrs(("Content-Length", "42"), ("content-type", "text/event-stream"), ("Retry-After", "3"))
+    )
+    assert fields.content_length == 42
+    assert fields.content_type == b"text/event-stream"
+    assert fields.retry_after == b"3"
+    empty = client_response_fields([])
+    assert (empty.block, empty.content_length, empty.content_type, empty.retry_after) == (
+        b"",
+        None,
+        None,
+        None,
+    )
+
+
+def test_response_gateway_tracing_headers_replaced_not_forwarded() -> None:
+    out = client_response_headers(
+        hdrs(("X-Request-ID", "theirs"), ("X-Gateway-Upstream", "x"), ("X-Gateway-Attempts", "9"), ("A", "1"))
+    )
+    assert list(out.items()) == [("A", "1")]
 
 
 def test_response_headers_named_in_connection_stripped() -> None:
@@ -222,7 +290,6 @@ def test_response_end_to_end_headers_kept_in_order() -> None:
     pairs = [
         ("Content-Type", "text/event-stream"),
         ("Cache-Control", "no-cache"),
-        ("X-Request-ID", "r"),
         ("Retry-After", "3"),
         ("Content-Encoding", "gzip"),
     ]

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.app import create_app
 from jobs_api.config import JobsSettings
 from jobs_api.models import Job, new_job_id
 from jobs_api.store.base import JobStore
 from jobs_api.store.redis import RedisJobStore
 from jobs_api.store.sqlite import SqliteJobStore
-from tests.conftest import AiohttpServer, MockUpstream, StartMock, settings_for
+from tests.conftest import MockUpstream, StartGateway, StartMock
 
 JobsSettingsFactory = Callable[..., JobsSettings]
 MakeJob = Callable[..., Job]
@@ -166,13 +165,12 @@ def make_job() -> MakeJob:
 
 
 @pytest.fixture
-def start_jobs_gateway(aiohttp_server: AiohttpServer) -> StartJobsGateway:
+def start_jobs_gateway(start_gateway: StartGateway) -> StartJobsGateway:
     """Start a real gateway server in front of mock upstreams; returns its base URL."""
 
     async def start(*upstreams: MockUpstream | str, **overrides: Any) -> str:
         specs = [u.spec if isinstance(u, MockUpstream) else u for u in upstreams]
-        server = await aiohttp_server(create_app(settings_for(*specs, **overrides)))
-        return str(server.make_url("")).rstrip("/")
+        return (await start_gateway(*specs, **overrides)).url
 
     return start
 

@@ -1,0 +1,539 @@
+"""The client-facing HTTP/1.1 server: asyncio Protocols with httptools (llhttp) parsing.
+
+Why not aiohttp's server: a proxy needs only the request line, the raw header fields and the
+body as a stream, and a way to write bytes back with the right framing. aiohttp builds a
+Request, a router match, a StreamResponse and several header maps per request; profiles showed
+that layer costing about as much as the rest of the gateway. This module does only the part a
+proxy needs, with backpressure both ways: a client sending faster than the upstream takes is
+paused (pause_reading), and a client reading slower than the upstream sends pauses the relay
+(`Responder.write` waits for the socket to drain).
+
+One request runs at a time per connection; pipelined requests queue behind it. A client that
+disconnects cancels its request's task, so the upstream stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+import orjson
+
+log = logging.getLogger(__name__)
+
+# Request bodies buffer up to this much before the client socket is paused.
+BODY_HIGH_WATER = 256 * 1024
+BODY_LOW_WATER = 64 * 1024
+# Idle keep-alive connections are closed after this long (as aiohttp's server does).
+KEEPALIVE_S = 75.0
+_SWEEP_INTERVAL_S = 5.0
+
+_STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
+_CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    """`HTTP/1.1 <status> <reason>`: the upstream's reason if given, else the standard phrase."""
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+class RequestBody:
+    """The request body as it arrives; `read()` returns what is buffered, b"" at the end."""
+
+    __slots__ = ("_chunks", "_eof", "_error", "_protocol", "_size", "_waiter")
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        self._protocol = protocol
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read."""
+        return self._eof and not self._chunks
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > BODY_HIGH_WATER:
+            self._protocol.pause_reading_body()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._eof:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next bytes of the body; b"" once it has ended. Raises if the client left early."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._protocol.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        self._protocol.resume_reading_body()
+        return data
+
+    async def read_all(self) -> bytes:
+        """Everything up to the end of the body."""
+        parts = []
+        while data := await self.read():
+            parts.append(data)
+        return b"".join(parts)
+
+
+class Request:
+    """One parsed request: the request line, header fields as received, and the body stream."""
+
+    __slots__ = ("body", "fields", "http11", "keep_alive", "method", "peer", "target")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        fields: list[tuple[bytes, bytes]],
+        http11: bool,
+        keep_alive: bool,
+        peer: str | None,
+        body: RequestBody,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.fields = fields
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.peer = peer
+        self.body = body
+
+    @property
+    def path(self) -> str:
+        """The target without its query, for logs."""
+        return self.target.partition(b"?")[0].decode("latin-1")
+
+
+class Responder:
+    """Writes one response: framing (Content-Length, chunked or close-delimited) is decided here.
+
+    The status line and headers are held until the first body bytes (or the end), so a small
+    response goes out in one write; `flush()` sends them early when the body will take a while.
+    """
+
+    __slots__ = ("_chunked", "_head", "_no_body", "_protocol", "_request", "done", "started")
+
+    def __init__(self, protocol: HttpProtocol, request: Request) -> None:
+        self._protocol = protocol
+        self._request = request
+        self._head = b""
+        self._chunked = False
+        self._no_body = False
+        self.started = False
+        self.done = False
+
+    def start(self, status: int, reason: bytes, fields: bytes, length: int | None) -> None:
+        """Begin the response: `fields` is the header block ("Name: value\\r\\n" lines)."""
+        request = self._request
+        self.started = True
+        self._no_body = request.method == b"HEAD" or status in (204, 304) or status < 200
+        parts = [status_line(status, reason), fields]
+        if length is not None:
+            if status != 204 and status >= 200:
+                parts.append(b"Content-Length: %d\r\n" % length)
+        elif not self._no_body:
+            if request.http11:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                request.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        if self._protocol.draining:
+            request.keep_alive = False
+        if not request.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not request.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(_CRLF)
+        self._head = b"".join(parts)
+
+    def flush(self) -> None:
+        """Send the status line and headers now (before any body)."""
+        if self._head:
+            self._protocol.write(self._head)
+            self._head = b""
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes; waits while the client's socket is backed up."""
+        if self._no_body or not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        protocol = self._protocol
+        protocol.write(data)
+        if protocol.write_paused:
+            await protocol.drain()
+
+    def end(self) -> None:
+        """The body is complete."""
+        tail = _LAST_CHUNK if self._chunked else b""
+        if self._head or tail:
+            self._protocol.write(self._head + tail)
+            self._head = b""
+        self.done = True
+
+    def send(self, status: int, fields: bytes, body: bytes) -> None:
+        """A whole response at once (the gateway's own answers)."""
+        self.start(status, b"", fields, len(body))
+        if self._no_body:
+            body = b""
+        self._protocol.write(self._head + body)
+        self._head = b""
+        self.done = True
+
+    def abort(self) -> None:
+        """End the connection without a clean end of body, so the client sees the truncation."""
+        self._request.keep_alive = False
+        self.done = True
+        self._protocol.close()
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+def _error_body(error_type: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": error_type, "message": message}})
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.loop = server.loop
+        self._server = server
+        self._handler = server.handler
+        self._max_header_bytes = server.max_header_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._peer: str | None = None
+        self._closed = False
+        # Parsing state of the request being read.
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._parsing: Request | None = None
+        # The request being answered, and any pipelined behind it.
+        self._task: asyncio.Task[None] | None = None
+        self._current: Request | None = None
+        self._queue: deque[Request] = deque()
+        self._reading_paused = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.last_active = self.loop.time()
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None and self._parsing is None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade is hop-by-hop and never forwarded: answer the request as plain HTTP and
+            # close afterwards, since what follows on the socket is not HTTP/1.1.
+            if self._parsing is not None:
+                self._parsing.keep_alive = False
+                self._parsing.body.feed_eof()
+                self._parsing = None
+            self.pause_reading()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeaderTooLarge):
+                self._reject(431, "request_header_too_large", str(exc.__context__))
+            else:
+                log.error("failed parsing a request", exc_info=exc.__context__)
+                self._reject(500, "internal", "internal error")
+        except httptools.HttpParserError as exc:
+            self._reject(400, "invalid_request", f"malformed HTTP request: {exc}")
+
+    def eof_received(self) -> bool:
+        return False  # close: a client that stops sending is done with this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server.connections.discard(self)
+        gone = ConnectionResetError("client disconnected")
+        if self._parsing is not None:
+            self._parsing.body.fail(gone)
+        if self._current is not None:
+            self._current.body.fail(gone)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._fields = []
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header_bytes:
+            raise _HeaderTooLarge(f"request line and headers exceed {self._max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            raise _HeaderTooLarge(f"request line and headers exceed {self._max_header_bytes} bytes")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        target = self._url
+        if not target.startswith(b"/"):
+            target = _origin_form(target)
+        request = Request(
+            parser.get_method(),
+            target,
+            self._fields,
+            parser.get_http_version() == "1.1",
+            parser.should_keep_alive(),
+            self._peer,
+            RequestBody(self),
+        )
+        self._parsing = request
+        if self._current is None:
+            self._begin(request)
+        else:
+            self._queue.append(request)
+            self.pause_reading()  # one pipelined request at a time is plenty
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed_eof()
+            self._parsing = None
+
+    # --- request lifecycle -----------------------------------------------------------------
+
+    def _begin(self, request: Request) -> None:
+        self._current = request
+        if _expects_continue(request.fields):
+            self.write(_CONTINUE)
+        self._task = self.loop.create_task(self._run(request, Responder(self, request)))
+
+    async def _run(self, request: Request, responder: Responder) -> None:
+        try:
+            await self._handler(request, responder)
+        except asyncio.CancelledError:
+            request.keep_alive = False  # the client left (or the server is closing): nothing to answer
+        except Exception:
+            log.exception("request handler failed")
+            if not responder.started and not self._closed:
+                responder.send(
+                    500, b"Content-Type: application/json\r\n", _error_body("internal", "internal error")
+                )
+            request.keep_alive = False
+        finally:
+            self._finish(request, responder)
+
+    def _finish(self, request: Request, responder: Responder) -> None:
+        self._current = None
+        self._task = None
+        self.last_active = self.loop.time()
+        if self._closed:
+            return
+        if not responder.done:
+            responder.abort()
+            return
+        # A body the handler did not read would be parsed as the next request: close instead.
+        if not request.keep_alive or not request.body.at_eof or self.draining:
+            self.close()
+            return
+        if self._queue:
+            self._begin(self._queue.popleft())
+        self.resume_reading()
+
+    def _reject(self, status: int, error_type: str, message: str) -> None:
+        """Answer a request that could not be parsed, then close."""
+        self._parser = httptools.HttpRequestParser(self)  # the old one is in an error state
+        if self._current is None and not self._closed:
+            body = _error_body(error_type, message)
+            head = status_line(status) + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(
+                body
+            )
+            self.write(head + b"Connection: close\r\n\r\n" + body)
+        self.close()
+
+    # --- transport helpers -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("client disconnected")
+        self._drain_waiter = self.loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None and not self._closed:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and not self._closed:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def pause_reading_body(self) -> None:
+        self.pause_reading()
+
+    def resume_reading_body(self) -> None:
+        # Only the request being read may resume the socket; a queued pipelined request keeps it paused.
+        if not self._queue:
+            self.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
+def _origin_form(target: bytes) -> bytes:
+    """The path and query of an absolute-form target (`http://host/path?q`), as a proxy gets it."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return b"/"
+    path = url.path or b"/"
+    return path + b"?" + url.query if url.query else path
+
+
+def _expects_continue(fields: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in fields:
+        if len(name) == 6 and name.lower() == b"expect":
+            return value.strip().lower() == b"100-continue"
+    return False
+
+
+class HttpServer:
+    """Listens, tracks connections, closes idle keep-alives, and drains on shutdown."""
+
+    def __init__(self, handler: Handler, *, max_header_bytes: int, keepalive_s: float = KEEPALIVE_S) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.keepalive_s = keepalive_s
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> None:
+        self._server = await self.loop.create_server(
+            lambda: HttpProtocol(self), host, port, backlog=backlog, reuse_port=reuse_port or None
+        )
+        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        cutoff = self.loop.time() - self.keepalive_s
+        for conn in list(self.connections):
+            if conn.idle and conn.last_active < cutoff:
+                conn.close()
+        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish within `grace_s`, then close everything."""
+        self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        deadline = self.loop.time() + grace_s
+        while True:
+            for conn in list(self.connections):
+                if conn.idle:
+                    conn.close()
+            if not self.connections or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
