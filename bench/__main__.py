@@ -15,9 +15,10 @@ from typing import Any
 
 from bench import report
 from bench.failover import run_failover_phase
+from bench.fanout import RAMP_S, run_fanout_phase
 from bench.machine import machine, versions
 from bench.options import Options, parse_args
-from bench.procs import Pinning, Procs
+from bench.procs import Pinning, Procs, raise_nofile_limit
 from bench.systems import HAPROXY, HAPROXY_DELAY, NOTES, PROXIES, Launcher, available
 from bench.workloads import run_sse_phase, run_wrk_phase
 
@@ -30,7 +31,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # run the `finally` blocks that stop everything
 
 
-def _notes(opts: Options, pinning: Pinning, missing: list[str]) -> list[str]:
+def _notes(opts: Options, pinning: Pinning, missing: list[str], nofile: int | None) -> list[str]:
     notes = [
         pinning.reason,
         "The orchestrator pins itself to the load CPU; other services on this machine were left running.",
@@ -47,7 +48,16 @@ def _notes(opts: Options, pinning: Pinning, missing: list[str]) -> list[str]:
         "nginx retries only error, timeout, 502 and 503 (as asked), not 429; HAProxy likewise.",
         "HAProxy runs with `option http-no-delay`; without it (see the SSE table) it batches "
         "streamed events.",
+        "Open-files limit: the orchestrator raises its soft RLIMIT_NOFILE to the hard limit "
+        f"({'unlimited' if nofile is None else nofile}) before starting anything, so every proxy, "
+        "upstream and client inherits it (1,000 streams through a proxy take 2,000 sockets).",
     ]
+    if "fanout" in opts.phases:
+        notes.append(
+            f"Fan-out: one mock-inference --stamp-chunks upstream; streams opened evenly over {RAMP_S:g} s; "
+            "`direct` always runs as the baseline; each proxy is started for this phase, so its VmHWM "
+            "is the phase's peak."
+        )
     if opts.quick:
         notes.append("--quick: short runs and one repetition; use the default run for numbers to quote.")
     return notes + missing
@@ -69,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     pinning = Pinning.detect()
     machine_info = machine()  # before pinning ourselves, so nproc is the machine's
     pinning.pin_self()
+    nofile = raise_nofile_limit()  # inherited by everything started below
     names, missing = available(opts.systems)
     proxies = [n for n in names if n in PROXIES]
     started_at = datetime.now()
@@ -90,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wrk_runs": [],
         "sse_runs": [],
+        "fanout_runs": [],
         "failover_runs": [],
+        "idle_rss_runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         procs = Procs(Path(tmp))
@@ -100,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 data["wrk_runs"] = run_wrk_phase(launcher, opts, names, _say)
             if "sse" in opts.phases:
                 data["sse_runs"] = run_sse_phase(launcher, opts, names, _say)
+            if "fanout" in opts.phases:
+                data["fanout_runs"] = run_fanout_phase(launcher, opts, names, _say)
             if "failover" in opts.phases and proxies:
                 data["failover_runs"] = run_failover_phase(launcher, opts, proxies, _say)
         except KeyboardInterrupt:
@@ -108,12 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             data["commands"] = procs.commands
+            data["idle_rss_runs"] = launcher.idle_rss
             data["config_files"] = _config_samples(Path(tmp))
     data["elapsed_s"] = time.monotonic() - t0
     data["wrk_medians"] = report.wrk_medians(data["wrk_runs"])
     data["sse_medians"] = report.sse_medians(data["sse_runs"])
-    data["ratios"] = report.ratios(data["wrk_medians"], data["sse_medians"])
-    data["notes"] = _notes(opts, pinning, missing)
+    data["fanout_medians"] = report.fanout_medians(data["fanout_runs"])
+    data["fanout_added"] = report.fanout_added(data["fanout_medians"])
+    data["idle_rss_medians"] = report.idle_rss_medians(data["idle_rss_runs"])
+    data["ratios"] = report.ratios(
+        data["wrk_medians"], data["sse_medians"], data["fanout_medians"], data["idle_rss_medians"]
+    )
+    data["notes"] = _notes(opts, pinning, missing, nofile)
     md, _ = report.write(data, opts.out_dir, stamp)
     _say(f"\nReport: {md}\n")
     _say(report.main_table(data))

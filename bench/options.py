@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.systems import ALL_SYSTEMS
 
-PHASES = ("wrk", "sse", "failover")
+PHASES = ("wrk", "sse", "fanout", "failover")
 SCENARIOS = ("kill9", "503", "429", "hang")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -28,6 +28,9 @@ class Options:
     fault_at_s: float
     failover_workers: int
     failover_reps: int
+    fanout_streams: int
+    fanout_chunks: int
+    fanout_interval_s: float
     systems: tuple[str, ...]
     scenarios: tuple[str, ...]
     phases: tuple[str, ...]
@@ -67,9 +70,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument(
         "--failover-reps", type=int, default=1, help="repetitions of each failover run (default 1)"
     )
+    p.add_argument(
+        "--fanout-streams",
+        type=int,
+        help="concurrent SSE streams in the fan-out phase (default 1000; quick 200)",
+    )
+    p.add_argument("--fanout-chunks", type=int, default=20, help="chunks per fan-out stream (default 20)")
+    p.add_argument(
+        "--fanout-interval", type=float, default=0.25, help="seconds between fan-out chunks (default 0.25)"
+    )
     p.add_argument("--systems", type=_csv(ALL_SYSTEMS), default=ALL_SYSTEMS, help="comma list (default all)")
     p.add_argument("--scenarios", type=_csv(SCENARIOS), default=SCENARIOS, help="comma list (default all)")
-    p.add_argument("--phases", type=_csv(PHASES), default=PHASES, help="comma list of wrk,sse,failover")
+    p.add_argument("--phases", type=_csv(PHASES), default=PHASES, help="comma list of " + ",".join(PHASES))
     p.add_argument(
         "--out-dir", type=Path, default=RESULTS_DIR, help="where reports go (default bench/results)"
     )
@@ -77,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     failover_s = a.failover_duration or (8.0 if a.quick else 20.0)
     if not 0 < a.fault_at < failover_s:
         p.error("--fault-at must fall inside the failover run")
+    fanout_streams = a.fanout_streams or (200 if a.quick else 1000)
+    if fanout_streams < 1 or a.fanout_chunks < 1 or not 0 < a.fanout_interval <= 10:
+        p.error("--fanout-streams and --fanout-chunks must be >= 1, --fanout-interval within (0, 10] s")
     return Options(
         quick=a.quick,
         duration_s=a.duration or (3.0 if a.quick else 10.0),
@@ -88,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         fault_at_s=a.fault_at,
         failover_workers=a.failover_workers,
         failover_reps=a.failover_reps,
+        fanout_streams=fanout_streams,
+        fanout_chunks=a.fanout_chunks,
+        fanout_interval_s=a.fanout_interval,
         systems=a.systems,
         scenarios=a.scenarios,
         phases=a.phases,

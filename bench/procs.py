@@ -7,6 +7,7 @@ it (and any children it forked, such as nginx workers) by PID, in reverse start 
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -186,8 +187,8 @@ def cpu_seconds(pid: int) -> float:
     return total / _CLK_TCK
 
 
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM of `pid` plus its descendants (nginx master + worker), in MiB."""
+def _status_mib(pid: int, key: str) -> float:
+    """Field `key` (kB) of /proc/PID/status summed over `pid` and its descendants, in MiB."""
     total_kib = 0
     for p in [pid, *descendants(pid)]:
         try:
@@ -195,9 +196,49 @@ def peak_rss_mib(pid: int) -> float:
         except OSError:
             continue
         for line in status.splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 total_kib += int(line.split()[1])
     return total_kib / 1024
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of `pid` plus its descendants (nginx master + worker), in MiB."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS (resident now) of `pid` plus its descendants, in MiB."""
+    return _status_mib(pid, "VmRSS")
+
+
+def raise_nofile_limit() -> int | None:
+    """Raise this process's soft open-files limit to the hard limit; return it (None: unlimited).
+
+    Children inherit it, so the proxies, upstreams and clients the bench starts can each hold
+    thousands of sockets (1,000 SSE streams through a proxy take 2,000) where the default soft
+    limit is often 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the old limit; the fan-out phase reports each process's limit
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def nofile_limit(pid: int) -> int | None:
+    """Soft open-files limit of a running process (from /proc/PID/limits), None if unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    return None
 
 
 def cpu_times() -> dict[int, tuple[int, int]]:

@@ -10,11 +10,12 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import configs
-from bench.procs import Pinning, Procs, Started, wait_http_ok
+from bench.procs import Pinning, Procs, Started, rss_mib, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -47,6 +48,7 @@ class System:
     name: str
     url: str
     process: Started | None  # None for direct
+    idle_rss_mib: float | None = None  # VmRSS (with children) once it answered, before any load
 
 
 def available(names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -74,6 +76,7 @@ class Launcher:
     procs: Procs
     pinning: Pinning
     tmp: Path
+    idle_rss: list[dict[str, Any]] = field(default_factory=list)  # one row per proxy started
 
     def nginx_upstreams(self, tag: str, count: int = 2) -> tuple[Started, list[str]]:
         """One nginx worker on the load CPU serving the fixed JSON body on `count` ports."""
@@ -144,7 +147,10 @@ class Launcher:
             raise ValueError(f"unknown system {name!r}")
         url = f"http://127.0.0.1:{port}"
         wait_http_ok(url + "/health", started)
-        return System(name, url, started)
+        # Read here, between the readiness probe and the first load: a /proc read, no extra wait.
+        idle = rss_mib(started.pid)
+        self.idle_rss.append({"system": name, "tag": tag, "idle_rss_mib": idle})
+        return System(name, url, started, idle)
 
     def _gateway(self, label: str, port: int, upstreams: Sequence[str]) -> Started:
         admin_port = self.procs.free_port()

@@ -38,6 +38,7 @@ class MockBehaviour:
     drop_after_chunks: int | None = None
     healthy: bool = True
     health_latency_s: float = 0.0
+    stamp_chunks: bool = False  # put each SSE chunk's send time (sent_ns, CLOCK_MONOTONIC) into it
 
 
 @dataclass
@@ -78,8 +79,9 @@ _IDS: Final[web.AppKey[itertools.count[int]]] = web.AppKey("mock_ids")
 _JSON: Final = "application/json"
 _DEFAULT_MODEL: Final = "mock-model"
 _DONE: Final = b"data: [DONE]\n\n"
+_EVENT_START: Final = b"data: {"
 _FIELDS: Final = frozenset(f.name for f in fields(MockBehaviour))
-_FLAGS: Final = frozenset({"hang", "healthy"})
+_FLAGS: Final = frozenset({"hang", "healthy", "stamp_chunks"})
 _INT_BOUNDS: Final[dict[str, tuple[int, int | None]]] = {
     "stream_chunks": (0, None),
     "error_status": (100, 599),
@@ -203,6 +205,17 @@ async def _send_json(request: web.Request, behaviour: MockBehaviour, data: Any) 
     return resp
 
 
+def _stamped(chunk: bytes, stamp: bool) -> bytes:
+    """`chunk` (an SSE event of a JSON object) with `"sent_ns"` first when `stamp` is set.
+
+    CLOCK_MONOTONIC is one clock for every process on a Linux machine, so a local client can
+    subtract `sent_ns` from its own `time.monotonic_ns()` at arrival: the delivery delay of a chunk.
+    """
+    if not stamp or not chunk.startswith(_EVENT_START):
+        return chunk
+    return b'data: {"sent_ns":%d,' % time.monotonic_ns() + chunk[len(_EVENT_START) :]
+
+
 async def _send_stream(
     request: web.Request, behaviour: MockBehaviour, chunks: Sequence[bytes], final: bytes
 ) -> web.StreamResponse:
@@ -218,11 +231,11 @@ async def _send_stream(
         for i in range(limit):
             if i and interval > 0:
                 await asyncio.sleep(interval)
-            await resp.write(chunks[i])
+            await resp.write(_stamped(chunks[i], behaviour.stamp_chunks))
         if drop is not None:
             _abort(request)
             return resp
-        await resp.write(final + _DONE)
+        await resp.write(_stamped(final, behaviour.stamp_chunks) + _DONE)
     except ConnectionResetError:
         stats.disconnects += 1
     return resp
@@ -481,6 +494,11 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=key, type=_arg(key, convert), default=default, metavar=metavar, help=text)
     p.add_argument("--hang", action="store_true", help="never answer inference requests")
     p.add_argument("--unhealthy", action="store_true", help="answer GET /health with 503")
+    p.add_argument(
+        "--stamp-chunks",
+        action="store_true",
+        help='add "sent_ns" (time.monotonic_ns() at send) to every streamed JSON chunk',
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for error/rate-limit draws")
     return p
 
@@ -520,7 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the mock inference server from the command line."""
     args = _build_parser().parse_args(argv)
     knobs = {key: getattr(args, key) for _, key, _, _, _ in _CLI_KNOBS}
-    behaviour = MockBehaviour(**knobs, hang=args.hang, healthy=not args.unhealthy)
+    behaviour = MockBehaviour(
+        **knobs, hang=args.hang, healthy=not args.unhealthy, stamp_chunks=args.stamp_chunks
+    )
     try:
         _run(_serve(args.host, args.port, behaviour, args.seed))
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,40 @@ async def test_streaming_chat_arrives_incrementally(aiohttp_client: AiohttpClien
     assert text == "token0 token1 token2 token3 token4"
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("stamp", [False, True])
+async def test_stamp_chunks_adds_monotonic_send_time_only_when_enabled(
+    aiohttp_client: AiohttpClient, stamp: bool
+) -> None:
+    behaviour = MockBehaviour(chunk_interval_s=0.01, stream_chunks=4, stamp_chunks=stamp)
+    client = await make_client(aiohttp_client, behaviour)
+    before = time.monotonic_ns()
+    async with client.post(CHAT, json={"messages": MESSAGES, "stream": True}) as resp:
+        events = await read_sse(resp)
+    after = time.monotonic_ns()
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert len(chunks) == 5  # 4 content chunks and the finish chunk
+    if not stamp:
+        assert all("sent_ns" not in c for c in chunks)
+        return
+    sent = [c["sent_ns"] for c in chunks]
+    assert all(type(ns) is int for ns in sent)
+    assert before <= sent[0] and sent[-1] <= after
+    # Content chunks are ~10 ms apart (asyncio may wake a clock tick early); the finish chunk follows.
+    assert all(b - a >= 9_000_000 for a, b in zip(sent[:3], sent[1:4], strict=True))
+    assert sent == sorted(sent)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "token0 token1 token2 token3"
+
+
+async def test_stamp_chunks_is_settable_through_control(aiohttp_client: AiohttpClient) -> None:
+    client = await make_client(aiohttp_client, MockBehaviour(stream_chunks=1))
+    assert (await client.post("/control", json={"stamp_chunks": True})).status == 200
+    async with client.post(CHAT, json={"messages": MESSAGES, "stream": True}) as resp:
+        events = await read_sse(resp)
+    assert "sent_ns" in orjson.loads(events[0])
 
 
 async def test_streaming_completion_uses_text_field(aiohttp_client: AiohttpClient) -> None:
@@ -275,6 +310,7 @@ async def test_control_updates_behaviour_and_stats(aiohttp_client: AiohttpClient
         ({"error_status": 700}, "error_status"),
         ({"stream_chunks": True}, "stream_chunks"),
         ({"hang": 1}, "hang"),
+        ({"stamp_chunks": "yes"}, "stamp_chunks"),
         ({"drop_after_chunks": 1.5}, "drop_after_chunks"),
         ({"healthy": False, "name": 3}, "name"),
     ],
@@ -387,6 +423,6 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
     for flag in (
         "--host", "--port", "--name", "--latency", "--chunk-interval", "--chunks",
         "--error-rate", "--error-status", "--rate-limit-rate", "--retry-after", "--hang",
-        "--drop-after", "--unhealthy", "--seed",
+        "--drop-after", "--unhealthy", "--seed", "--stamp-chunks",
     ):  # fmt: skip
         assert flag in out
