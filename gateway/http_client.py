@@ -30,6 +30,9 @@ RESPONSE_HIGH_WATER = 256 * 1024
 
 Phase = Literal["headers", "body"]
 
+# Stands in for the parser of a closed connection (never fed).
+_DETACHED_PARSER = httptools.HttpResponseParser(object())
+
 
 class ConnectFailed(Exception):
     """No TCP (or TLS) connection to the upstream: refused, unreachable or timed out."""
@@ -179,12 +182,17 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"invalid HTTP response from upstream: {exc}"))
+            self.close()  # the parser stays in its error state: this connection is done
+        except httptools.HttpParserUpgrade:
+            self.close()  # after a 101 (failed above) the bytes are not HTTP/1.1 any more
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        # Break the parser -> bound method -> protocol cycle so the connection is freed at once.
+        self._parser = _DETACHED_PARSER
         response = self._response
         if response is not None and self._close_delimited and not response.complete:
             response._finish()  # a body without length ends when the connection does
@@ -206,6 +214,12 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._headers_waiter is None and self._response is None:
+            # More bytes in the same read as a finished response, nobody asked for them: they
+            # would be taken as (part of) the answer to the next request on this connection.
+            self.close()
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -219,7 +233,10 @@ class _Connection(asyncio.Protocol):
         reason = self._reason
         self._fields = []
         self._reason = b""
-        if 100 <= status < 200 and status != 101:
+        if 100 <= status < 200:
+            if status == 101:
+                # Upgrade is hop-by-hop and never sent upstream, so switching protocols is a broken answer.
+                self._fail(BadResponse("upstream answered 101 Switching Protocols to a plain request"))
             return  # an interim response (100 Continue, 103 Early Hints): the real one follows
         waiter = self._headers_waiter
         if waiter is None or waiter.done():

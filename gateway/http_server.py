@@ -239,6 +239,10 @@ class _HeaderTooLarge(Exception):
     pass
 
 
+# Stands in for the parser of a closed connection (never fed).
+_DETACHED_PARSER = httptools.HttpRequestParser(object())
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -314,6 +318,12 @@ class HttpProtocol(asyncio.Protocol):
         gone = ConnectionResetError("client disconnected")
         if self._parsing is not None:
             self._parsing.body.fail(gone)
+            self._parsing = None
+        self._queue.clear()
+        # The parser holds bound methods of this protocol, and the transport holds the protocol:
+        # break those cycles so a closed connection is freed at once, not by a later GC pass.
+        self._parser = _DETACHED_PARSER
+        self._transport = None
         if self._current is not None:
             self._current.body.fail(gone)
         if self._task is not None and not self._task.done():
@@ -360,7 +370,8 @@ class HttpProtocol(asyncio.Protocol):
             target,
             self._fields,
             parser.get_http_version() == "1.1",
-            parser.should_keep_alive(),
+            # After an Upgrade request the socket no longer carries HTTP/1.1 (see data_received).
+            parser.should_keep_alive() and not parser.should_upgrade(),
             self._peer,
             RequestBody(self),
         )
