@@ -310,7 +310,10 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(400, "invalid_request", f"malformed HTTP request: {exc}")
 
     def eof_received(self) -> bool:
-        return False  # close: a client that stops sending is done with this connection
+        # A FIN from the client is taken as the client leaving, as nginx does: a half-closed
+        # socket looks the same as a closed one until a write fails, and stopping generation
+        # for a client that left matters far more than serving the rare half-closing client.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
