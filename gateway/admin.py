@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
 from gateway.app import GATEWAY, Gateway
 from gateway.pool import Upstream
@@ -93,7 +94,11 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 def _authorized(request: web.Request) -> web.Response | None:
-    token = request.app[GATEWAY].settings.admin_token
+    return check_token(request, request.app[GATEWAY].settings.admin_token)
+
+
+def check_token(request: web.Request, token: SecretStr | None) -> web.Response | None:
+    """None when `request` carries the admin token, else the 403/401 answer to send."""
     if token is None:
         return _error(403, "forbidden", "admin mutations are disabled: set GATEWAY_ADMIN_TOKEN")
     header = request.headers.get("Authorization", "")

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-attempts", type=int, metavar="N", help="attempts per request in all (default 3)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="proxy processes sharing the port via SO_REUSEPORT, about one per core (default 1)",
+    )
     parser.add_argument("--access-log", action="store_true", default=None, help="JSON line per request")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     return parser
@@ -135,6 +141,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "strategy": args.strategy,
         "access_log": args.access_log,
         "log_level": args.log_level,
+        "workers": args.workers,
     }
     nested = {
         ("timeouts", "connect_s"): args.connect_timeout,
@@ -151,11 +158,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def configure_logging(level: str) -> None:
-    """Plain one-line logs on stderr; access lines are JSON already."""
+def configure_logging(level: str, *, worker: int | None = None) -> None:
+    """Plain one-line logs on stderr; access lines are JSON already. Worker lines say which."""
+    tag = "" if worker is None else f"worker-{worker} "
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -166,29 +174,42 @@ async def serve(
     *,
     on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
+    admin_socket: str | None = None,
+    drained: Collection[str] = (),
 ) -> None:
-    """Serve the proxy and admin apps until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
+    """Serve the proxy and admin apps until SIGTERM/SIGINT (or `stop`), then drain gracefully.
+
+    A worker under `--workers` shares the port (`reuse_port`) and serves its admin app on the unix
+    socket `admin_socket` instead of the admin port, which its supervisor serves. Upstreams named
+    in `drained` are drained before the first request (a replaced worker keeps earlier drains).
+    """
     gateway = build_gateway(settings)
     await gateway.start()
+    for name in drained:
+        if name in gateway.pool.by_name:
+            gateway.pool.drain(gateway.pool.by_name[name], gateway.clock())
     admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
     server: HttpServer | None = None
     try:
-        server = await start_proxy_server(gateway)
-        admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
-        await admin_site.start()
+        server = await start_proxy_server(gateway, reuse_port=reuse_port)
+        # The admin site starts after the proxy listens, so an answering admin means serving.
+        admin_port = await _start_admin_site(admin_runner, settings, admin_socket)
         port = server.port
-        admin_port = _bound_port(admin_runner)
-        log.info(
-            "gateway %s serving on http://%s:%d (admin http://%s:%d), %d upstream(s): %s",
-            __version__,
-            settings.host,
-            port,
-            settings.admin_host,
-            admin_port,
-            len(settings.upstreams),
-            ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
-        )
+        if admin_socket is None:
+            log.info(
+                "gateway %s serving on http://%s:%d (admin http://%s:%d), %d upstream(s): %s",
+                __version__,
+                settings.host,
+                port,
+                settings.admin_host,
+                admin_port,
+                len(settings.upstreams),
+                ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
+            )
+        else:
+            log.info("pid %d serving on port %d (admin unix:%s)", os.getpid(), port, admin_socket)
         tune_gc()
         if on_ready is not None:
             result = on_ready(port, admin_port)
@@ -225,6 +246,17 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+async def _start_admin_site(
+    runner: web.AppRunner, settings: GatewaySettings, admin_socket: str | None
+) -> int:
+    """Serve the admin app on the admin port, or on `admin_socket`; the bound port (0 for a socket)."""
+    if admin_socket is not None:
+        await web.UnixSite(runner, admin_socket).start()
+        return 0
+    await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+    return _bound_port(runner)
+
+
 def _bound_port(runner: web.AppRunner) -> int:
     addresses = runner.addresses
     return int(addresses[0][1]) if addresses else 0
@@ -239,6 +271,21 @@ def run(coro_factory: Callable[[], Awaitable[None]]) -> None:
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(coro_factory())  # type: ignore[arg-type]
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    """Serve in this process, or supervise `settings.workers` processes sharing the port."""
+    if settings.workers == 1:
+        run(lambda: serve(settings))
+        return
+    # Imported here so a single-process gateway never loads multiprocessing.
+    from gateway.supervisor import WorkerStartError, supervise
+
+    try:
+        run(lambda: supervise(settings))
+    except WorkerStartError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -261,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
     try:
-        run(lambda: serve(settings))
+        run_gateway(settings)
     except OSError as err:
         # Typically the port is taken or the address does not exist on this host.
         print(f"gateway: cannot listen: {err.strerror or err}", file=sys.stderr)

@@ -234,11 +234,22 @@ class GatewaySettings(BaseSettings):
     # Largest request header line and field the gateway accepts (aiohttp's default is 8190).
     max_header_bytes: int = Field(32768, ge=1024)
     events_kept: int = Field(200, ge=1)
+    # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
+    # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
+    workers: int = Field(1, ge=1)
 
     @field_validator("upstreams", mode="before")
     @classmethod
     def _split_upstreams(cls, value: Any) -> Any:
         return _parse_upstreams(value)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _no_bool_workers(cls, value: Any) -> Any:
+        # YAML reads `workers: yes` as True, which pydantic would quietly take as 1.
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number of worker processes; give an integer >= 1")
+        return value
 
     @field_validator("log_level")
     @classmethod
