@@ -298,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "demo":
         from gateway.demo import run_demo
 
+        if overrides.get("workers", 1) != 1:
+            # The demo's mock upstreams live in the gateway's own process.
+            print("gateway: demo runs in one process; run without --workers", file=sys.stderr)
+            raise SystemExit(2)
+
         configure_logging(overrides.get("log_level", "info"))
         run(lambda: run_demo(overrides, config_file))
         return

@@ -217,6 +217,12 @@ def test_cli_help_lists_every_flag() -> None:
     assert "demo" in result.stdout
 
 
+def test_cli_demo_refuses_workers() -> None:
+    result = run_gateway("demo", "--workers", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "gateway: demo runs in one process; run without --workers"
+
+
 def test_cli_version_prints_package_version() -> None:
     from gateway import __version__
 
