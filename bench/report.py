@@ -408,7 +408,7 @@ def render(data: dict[str, Any]) -> str:
         "| comparison | value |\n|---|---|\n" + "".join(f"| {k} | {val} |\n" for k, val in data["ratios"]),
         "\n## wrk workloads in detail\n",
         _wrk_detail(data),
-        "\n## SSE: 50 events 20 ms apart (mock-inference), sequential streams\n\n",
+        "\n## SSE: 50 events 20 ms apart (one mock-inference upstream for all), sequential streams\n\n",
         _sse(data),
         "\n## Fan-out: concurrent SSE streams through one process\n\n",
         _fanout(data),

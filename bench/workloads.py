@@ -109,11 +109,12 @@ def run_sse_phase(
     rows: list[Row] = []
     procs, pinning = launcher.procs, launcher.pinning
     sse_names = [*names, HAPROXY_DELAY] if HAPROXY in names else list(names)
-    mock_a, url_a = launcher.mock("sse-a", SSE_MOCK_ARGS)
-    mock_b, url_b = launcher.mock("sse-b", SSE_MOCK_ARGS)
+    # One upstream for every system: `direct` can only use one, and with two each mock would sit
+    # idle half the time and answer its first byte later (colder), charging that to the proxies.
+    mock, url = launcher.mock("sse", SSE_MOCK_ARGS)
     systems: list[System] = []
     try:
-        systems = _start_all(launcher, sse_names, [url_a, url_b], "sse")
+        systems = _start_all(launcher, sse_names, [url], "sse")
         for rep in range(opts.reps):
             for system in systems:
                 argv = [*pinning.load(), sys.executable, "-m", "bench.sse_client", "--url", system.url]
@@ -136,8 +137,7 @@ def run_sse_phase(
     finally:
         for system in reversed(systems):
             launcher.stop_system(system)
-        procs.stop(mock_b)
-        procs.stop(mock_a)
+        procs.stop(mock)
     return rows
 
 
