@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -137,12 +138,41 @@ async def enable(request: web.Request) -> web.Response:
     return await _mutate(request, drain=False)
 
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def admin_routes(
+    *,
+    healthz: Handler,
+    readyz: Handler,
+    metrics: Handler,
+    list_upstreams: Handler,
+    list_events: Handler,
+    drain: Handler,
+    enable: Handler,
+) -> list[web.RouteDef]:
+    """The admin API's paths, served by these handlers (a single gateway's, or the supervisor's)."""
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.get("/admin/upstreams", list_upstreams),
+        web.get("/admin/events", list_events),
+        web.post("/admin/upstreams/{name}/drain", drain),
+        web.post("/admin/upstreams/{name}/enable", enable),
+    ]
+
+
 def add_admin_routes(app: web.Application) -> None:
-    """Register every admin route on `app`."""
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/admin/upstreams", list_upstreams)
-    app.router.add_get("/admin/events", list_events)
-    app.router.add_post("/admin/upstreams/{name}/drain", drain)
-    app.router.add_post("/admin/upstreams/{name}/enable", enable)
+    """Register every admin route of a single gateway on `app`."""
+    app.add_routes(
+        admin_routes(
+            healthz=healthz,
+            readyz=readyz,
+            metrics=metrics,
+            list_upstreams=list_upstreams,
+            list_events=list_events,
+            drain=drain,
+            enable=enable,
+        )
+    )

@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from gateway.admin import check_token
+from gateway.admin import admin_routes, check_token
 
 WORKER_LABEL = "worker"
 # Below the chart's 2 s probe timeout, so a hung worker gives a 503 rather than a probe timeout.
@@ -337,11 +337,15 @@ def create_supervisor_admin_app(fleet: Fleet) -> web.Application:
     """The admin application the supervisor serves on the admin port."""
     app = web.Application()
     app[FLEET] = fleet
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/admin/upstreams", list_upstreams)
-    app.router.add_get("/admin/events", list_events)
-    app.router.add_post("/admin/upstreams/{name}/drain", drain)
-    app.router.add_post("/admin/upstreams/{name}/enable", enable)
+    app.add_routes(
+        admin_routes(
+            healthz=healthz,
+            readyz=readyz,
+            metrics=metrics,
+            list_upstreams=list_upstreams,
+            list_events=list_events,
+            drain=drain,
+            enable=enable,
+        )
+    )
     return app

@@ -26,25 +26,9 @@ from tests.gateway.raw_http import (
     RawUpstream,
     StartRaw,
     keepalive_script,
-    raw_clients,
-    raw_upstreams,
     read_response,
     response,
 )
-
-
-@pytest.fixture
-async def start_raw() -> AsyncIterator[StartRaw]:
-    """Start a scripted raw upstream; closed after the test."""
-    async with raw_upstreams() as start:
-        yield start
-
-
-@pytest.fixture
-async def open_raw() -> AsyncIterator[OpenRaw]:
-    """Open a raw client connection to a loopback port; closed after the test."""
-    async with raw_clients() as opener:
-        yield opener
 
 
 def spec(up: RawUpstream | str, **extra: Any) -> dict[str, Any]:

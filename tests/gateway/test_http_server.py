@@ -26,8 +26,6 @@ from tests.gateway.raw_http import (
     RawConnection,
     StartRaw,
     expect_eof,
-    raw_clients,
-    raw_upstreams,
     read_response,
 )
 
@@ -51,20 +49,6 @@ async def serve() -> AsyncIterator[StartServer]:
     yield start
     for server in servers:
         await server.shutdown(0)
-
-
-@pytest.fixture
-async def start_raw() -> AsyncIterator[StartRaw]:
-    """Start a scripted raw upstream; closed after the test."""
-    async with raw_upstreams() as start:
-        yield start
-
-
-@pytest.fixture
-async def open_raw() -> AsyncIterator[OpenRaw]:
-    """Open a raw client connection to a loopback port; closed after the test."""
-    async with raw_clients() as opener:
-        yield opener
 
 
 async def echo(request: Request, responder: Responder) -> None:
