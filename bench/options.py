@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--failover-workers", type=int, default=20, help="concurrent failover clients (default 20)"
     )
     p.add_argument(
-        "--failover-reps", type=int, default=1, help="repetitions of each failover run (default 1)"
+        "--failover-reps", type=int, help="interleaved repetitions of each failover run (default 3; quick 1)"
     )
     p.add_argument(
         "--fanout-streams",
@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         failover_duration_s=failover_s,
         fault_at_s=a.fault_at,
         failover_workers=a.failover_workers,
-        failover_reps=a.failover_reps,
+        failover_reps=a.failover_reps or (1 if a.quick else 3),
         fanout_streams=fanout_streams,
         fanout_chunks=a.fanout_chunks,
         fanout_interval_s=a.fanout_interval,
