@@ -231,7 +231,7 @@ class GatewaySettings(BaseSettings):
     # Idle keep-alive connections to upstreams are closed after this long; below the common 5 s
     # server keep-alive (uvicorn, vLLM), so we rarely reuse a connection the server is closing.
     upstream_keepalive_s: float = Field(4.0, ge=0)
-    # Largest request header line and field the gateway accepts (aiohttp's default is 8190).
+    # Largest request line plus header fields the gateway accepts; larger requests get 431.
     max_header_bytes: int = Field(32768, ge=1024)
     events_kept: int = Field(200, ge=1)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
