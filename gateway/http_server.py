@@ -405,7 +405,7 @@ class HttpProtocol(asyncio.Protocol):
     async def _run(self, request: Request, responder: Responder) -> None:
         try:
             await self._handler(request, responder)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):
             request.keep_alive = False  # the client left (or the server is closing): nothing to answer
         except Exception:
             log.exception("request handler failed")

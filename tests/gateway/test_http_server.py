@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -223,6 +224,19 @@ async def test_server_keeps_one_connection_alive_across_many_requests(
         assert resp.body == b"POST /%d %d" % (i, i)
         assert resp.header(b"connection") is None
     assert len(server.connections) == 1
+
+
+async def test_server_handler_seeing_client_gone_is_not_logged_as_a_failure(
+    serve: StartServer, open_raw: OpenRaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(request: Request, responder: Responder) -> None:
+        raise ConnectionResetError("client disconnected")  # as a write to a departed client raises
+
+    server = await serve(handler)
+    reader, writer = await open_raw(server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await expect_eof(reader)  # closed without an answer: there is nobody to answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_server_client_disconnect_cancels_handler(serve: StartServer, open_raw: OpenRaw) -> None:
