@@ -78,21 +78,15 @@ class Launcher:
     tmp: Path
     idle_rss: list[dict[str, Any]] = field(default_factory=list)  # one row per proxy started
 
+    def _nginx_argv(self, pin: list[str], conf: Path) -> list[str]:
+        """nginx with `conf`, its prefix and error log in the run's temp dir, under `pin` (taskset)."""
+        return [*pin, "nginx", "-p", str(self.tmp), "-e", str(self.tmp / "nginx-e.log"), "-c", str(conf)]
+
     def nginx_upstreams(self, tag: str, count: int = 2) -> tuple[Started, list[str]]:
         """One nginx worker on the load CPU serving the fixed JSON body on `count` ports."""
         ports = [self.procs.free_port() for _ in range(count)]
         conf = configs.nginx_upstream(self.tmp, f"upstream-nginx-{tag}", ports)
-        argv = [
-            *self.pinning.load(),
-            "nginx",
-            "-p",
-            str(self.tmp),
-            "-e",
-            str(self.tmp / "nginx-e.log"),
-            "-c",
-            str(conf),
-        ]
-        started = self.procs.start(f"upstream-nginx-{tag}", argv)
+        started = self.procs.start(f"upstream-nginx-{tag}", self._nginx_argv(self.pinning.load(), conf))
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for url in urls:
             wait_http_ok(url + "/health", started)
@@ -129,17 +123,7 @@ class Launcher:
             started = self.procs.start(label, argv)
         elif name == NGINX:
             conf = configs.nginx_proxy(self.tmp, label, port, upstreams)
-            argv = [
-                *self.pinning.proxy(),
-                "nginx",
-                "-p",
-                str(self.tmp),
-                "-e",
-                str(self.tmp / "nginx-e.log"),
-                "-c",
-                str(conf),
-            ]
-            started = self.procs.start(label, argv)
+            started = self.procs.start(label, self._nginx_argv(self.pinning.proxy(), conf))
         elif name in (HAPROXY, HAPROXY_DELAY):
             cfg = configs.haproxy(self.tmp, label, port, upstreams, no_delay=name == HAPROXY)
             started = self.procs.start(label, [*self.pinning.proxy(), "haproxy", "-db", "-f", str(cfg)])
