@@ -11,8 +11,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
-from gateway.app import GATEWAY, Gateway
-from gateway.pool import Upstream
+from gateway.app import Gateway
+from gateway.policy.upstreams import Upstream
+
+GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -176,3 +178,11 @@ def add_admin_routes(app: web.Application) -> None:
             enable=enable,
         )
     )
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    """The admin application of a single gateway process."""
+    app = web.Application()
+    app[GATEWAY] = gateway
+    add_admin_routes(app)
+    return app

@@ -1,32 +1,25 @@
 """Command line: `gateway [flags]` runs the gateway, `gateway demo` runs it on two local mocks.
 
-The only module that reads the process environment (through pydantic-settings), chooses the
-event loop and installs signal handlers.
+Parses the flags, loads the settings (flags over `GATEWAY_*` environment variables over the YAML
+file of `--config` or `GATEWAY_CONFIG_FILE`; see `gateway.config`), and hands them to one
+process (`gateway.server`) or to the supervisor of `--workers N` (`gateway.workers.supervisor`).
+Configuration errors exit with status 2 and one line; a port that cannot be bound with 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from gateway import __version__
-from gateway.app import build_gateway, create_admin_app, start_proxy_server
 from gateway.config import ConfigError, GatewaySettings, Strategy, load_settings
-from gateway.http_server import HttpServer
-
-log = logging.getLogger("gateway")
-
-GC_GEN0_THRESHOLD = 20_000
+from gateway.demo import run_demo
+from gateway.server import configure_logging, run, serve
+from gateway.workers.supervisor import WorkerStartError, supervise
 
 
 def _positive_float(text: str) -> float:
@@ -158,129 +151,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def configure_logging(level: str, *, worker: int | None = None) -> None:
-    """Plain one-line logs on stderr; access lines are JSON already. Worker lines say which."""
-    tag = "" if worker is None else f"worker-{worker} "
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-async def serve(
-    settings: GatewaySettings,
-    *,
-    on_ready: Callable[[int, int], Awaitable[None] | None] | None = None,
-    stop: asyncio.Event | None = None,
-    reuse_port: bool = False,
-    admin_socket: str | None = None,
-    drained: Collection[str] = (),
-) -> None:
-    """Serve the proxy and admin apps until SIGTERM/SIGINT (or `stop`), then drain gracefully.
-
-    A worker under `--workers` shares the port (`reuse_port`) and serves its admin app on the unix
-    socket `admin_socket` instead of the admin port, which its supervisor serves. Upstreams named
-    in `drained` are drained before the first request (a replaced worker keeps earlier drains).
-    """
-    gateway = build_gateway(settings)
-    await gateway.start()
-    for name in drained:
-        if name in gateway.pool.by_name:
-            gateway.pool.drain(gateway.pool.by_name[name], gateway.clock())
-    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
-    await admin_runner.setup()
-    server: HttpServer | None = None
-    try:
-        server = await start_proxy_server(gateway, reuse_port=reuse_port)
-        # The admin site starts after the proxy listens, so an answering admin means serving.
-        admin_port = await _start_admin_site(admin_runner, settings, admin_socket)
-        port = server.port
-        if admin_socket is None:
-            log.info(
-                "gateway %s serving on http://%s:%d (admin http://%s:%d), %d upstream(s): %s",
-                __version__,
-                settings.host,
-                port,
-                settings.admin_host,
-                admin_port,
-                len(settings.upstreams),
-                ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
-            )
-        else:
-            log.info("pid %d serving on port %d (admin unix:%s)", os.getpid(), port, admin_socket)
-        tune_gc()
-        if on_ready is not None:
-            result = on_ready(port, admin_port)
-            if result is not None:
-                await result
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info(
-            "shutting down: no new connections, %.0f s for in-flight requests", settings.shutdown_grace_s
-        )
-        gateway.draining = True
-    finally:
-        # Stops accepting, waits up to the grace period for in-flight requests, then closes.
-        if server is not None:
-            await server.shutdown(settings.shutdown_grace_s)
-        await admin_runner.cleanup()
-        await gateway.close()
-
-
-def tune_gc() -> None:
-    """Fewer, cheaper garbage collections for a long-running proxy.
-
-    Start-up objects (modules, settings, the app) live forever: freezing them keeps every later
-    collection from walking them again. Per-request garbage is almost all freed by reference
-    counting, so young-generation collections can run far less often than Python's default of
-    every 700 allocations, which profiles showed costing several percent of CPU under load.
-    """
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-async def _start_admin_site(
-    runner: web.AppRunner, settings: GatewaySettings, admin_socket: str | None
-) -> int:
-    """Serve the admin app on the admin port, or on `admin_socket`; the bound port (0 for a socket)."""
-    if admin_socket is not None:
-        await web.UnixSite(runner, admin_socket).start()
-        return 0
-    await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
-    return _bound_port(runner)
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    addresses = runner.addresses
-    return int(addresses[0][1]) if addresses else 0
-
-
-def run(coro_factory: Callable[[], Awaitable[None]]) -> None:
-    """Run on uvloop where available."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro_factory())  # type: ignore[arg-type]
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro_factory())  # type: ignore[arg-type]
-
-
 def run_gateway(settings: GatewaySettings) -> None:
     """Serve in this process, or supervise `settings.workers` processes sharing the port."""
     if settings.workers == 1:
         run(lambda: serve(settings))
         return
-    # Imported here so a single-process gateway never loads multiprocessing.
-    from gateway.supervisor import WorkerStartError, supervise
-
     try:
         run(lambda: supervise(settings))
     except WorkerStartError as err:
@@ -296,8 +171,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config_file is None and os.environ.get("GATEWAY_CONFIG_FILE"):
         config_file = Path(os.environ["GATEWAY_CONFIG_FILE"])
     if args.command == "demo":
-        from gateway.demo import run_demo
-
         if overrides.get("workers", 1) != 1:
             # The demo's mock upstreams live in the gateway's own process.
             print("gateway: demo runs in one process; run without --workers", file=sys.stderr)

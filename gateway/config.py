@@ -148,7 +148,7 @@ class RetrySettings(_Frozen):
     budget_ratio: float = Field(0.2, ge=0, le=1)
     # ... but this many concurrent retries are always allowed.
     budget_min_concurrency: int = Field(3, ge=0)
-    # A retry over budget waits this long for a slot before the request gives up (see budget.py).
+    # A retry over budget waits this long for a slot before the request gives up (see retry_gate.py).
     budget_wait_s: float = Field(1.0, ge=0)
     # A body up to this size is buffered so it can be replayed; larger ones stream once.
     replay_buffer_bytes: int = Field(16 * MIB, ge=0)

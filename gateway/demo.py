@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.cli import serve
 from gateway.config import ConfigError, load_settings
-from gateway.mock_inference import MockBehaviour, create_mock_app
+from gateway.server import serve
+from gateway.testing.mock_inference import MockBehaviour, create_mock_app
 
 CHAT_BODY = '{"model":"mock-model","messages":[{"role":"user","content":"hello"}]}'
 

@@ -4,6 +4,8 @@ Per request: read (and, if small enough, buffer) the body; then up to max_attemp
 pool for an upstream, send the request, classify what came back, record it, and ask the retry
 policy whether to go on. Once response headers are accepted, stream the body to the client chunk
 by chunk; from then on failover is over, and a failure mid-body ends the stream visibly.
+Each attempt's hold on shared state (the upstream's in-flight count, a retry slot, the open
+response) is owned by one `_Attempt`, and given back before waiting to admit the next.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import orjson
 
-from gateway.budget import RetryGate
-from gateway.classify import Outcome, classify_status
 from gateway.config import GatewaySettings
 from gateway.errors import (
     BadRequest,
@@ -30,27 +31,31 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.headers import (
+from gateway.http.client import ConnectError, UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.http.headers import (
     NO_STATIC,
     RequestFieldReader,
     RequestFields,
     StaticFields,
     client_response_fields,
+    field_value,
     parse_retry_after,
     upstream_request_fields,
 )
-from gateway.http_client import BadResponse, ConnectFailed, ConnectionLost, UpstreamClient, UpstreamResponse
-from gateway.http_server import Request, RequestBody, Responder
+from gateway.http.server import Request, RequestBody, Responder
 from gateway.metrics import GatewayMetrics
-from gateway.pool import Choice, Pool, Upstream
-from gateway.retry import GiveUp, RetryPolicy, backoff_s
+from gateway.policy.classify import Outcome, classify_status
+from gateway.policy.retry import GiveUp, GiveUpReason, Retry, RetryPolicy, backoff_s
+from gateway.policy.upstreams import Choice, Pool, Upstream
+from gateway.retry_gate import RetryGate
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
 _SSE = b"text/event-stream"
-# Give-up reasons where a retry was wanted but not allowed (gateway_retries_skipped_total).
-_SKIPPED_RETRY_REASONS = frozenset({"body_not_replayable", "deadline"})
+# A retryable error response is read whole (so its connection is freed while the next attempt
+# waits) when its body is at most this big; inference servers send small JSON errors.
+HELD_ERROR_BODY_BYTES = 64 * 1024
 
 
 class _AttemptFailed(Exception):
@@ -88,6 +93,43 @@ class _Exchange:
         return self.tried[-1] if self.tried else None
 
 
+class _Attempt:
+    """One attempt's hold on shared state: the upstream's in-flight count, a retry slot, the response.
+
+    Entered as the attempt starts. The retry slot (of every attempt after the first) is held only
+    until the response headers arrive or the attempt fails (`release_slot`). On exit everything
+    still held is given back, in one order for every path: the slot, the response, the count.
+    """
+
+    __slots__ = ("_gate", "response", "upstream")
+
+    def __init__(self, upstream: Upstream, gate: RetryGate | None) -> None:
+        self.upstream = upstream
+        self._gate = gate
+        self.response: UpstreamResponse | None = None
+
+    def __enter__(self) -> _Attempt:
+        self.upstream.inflight += 1
+        return self
+
+    def release_slot(self) -> None:
+        """The attempt no longer counts against the retry budget."""
+        gate = self._gate
+        if gate is not None:
+            self._gate = None
+            gate.release()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release_slot()
+        response = self.response
+        if response is not None:
+            self.response = None
+            response.close()
+        self.upstream.inflight -= 1
+
+
 class ReplayBuffers:
     """Accounts bytes held for replay across all requests, so their total stays capped."""
 
@@ -109,12 +151,12 @@ class ReplayBuffers:
         self.in_use -= n
 
 
-def _outcome_of(exc: BaseException) -> Outcome:
+def _outcome_of(exc: UpstreamError) -> Outcome:
     """Map a failure before response headers to an outcome."""
-    if isinstance(exc, ConnectFailed):
-        return Outcome.CONNECT_ERROR
     if isinstance(exc, TimeoutError):
         return Outcome.TIMEOUT
+    if isinstance(exc, ConnectError):
+        return Outcome.CONNECT_ERROR
     return Outcome.RESET
 
 
@@ -155,7 +197,6 @@ class Proxy:
         self._deadline_key = t.deadline_header.lower().encode()
         self._fields = RequestFieldReader(extra=(t.deadline_header,))
         self._access_log = settings.access_log
-        self._loop = asyncio.get_running_loop()
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
         # and much cheaper on the hot path.
         self._id_prefix = os.urandom(8).hex().encode()
@@ -213,46 +254,56 @@ class Proxy:
             up = choice.upstream
             if choice.panic:
                 self._metrics.panic.inc()
-            block = self._upstream_fields(request, fields, ex, up)
-            # Every attempt after the first runs on a retry slot taken by _next_choice; the slot
-            # is held until the attempt's headers arrive (or it fails), never while deciding the
-            # next retry, so retries waiting for slots cannot hold each other up.
-            holds_slot = ex.attempts > 0
-            same_upstream = up in ex.tried
-            ex.attempts += 1
-            ex.tried.append(up)
-            up.inflight += 1
-            try:
-                try:
-                    if holds_slot:
-                        delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
-                        if delay:
-                            await asyncio.sleep(delay)
-                    resp = await self._send(request, up, block, body, fields.content_length, deadline)
-                finally:
-                    if holds_slot:
-                        self._retry_gate.release()
-            except _AttemptFailed as failed:
-                up.inflight -= 1
-                next_choice = await self._next_choice(ex, failed.outcome, None, body, deadline)
-                if next_choice is None:
-                    raise self._attempt_error(failed, up, ex) from None
-                choice = next_choice
-                continue
-            except BaseException:
-                up.inflight -= 1
-                raise
-            try:
-                if resp.status >= 400:
-                    outcome = classify_status(resp.status)
-                    next_choice = await self._next_choice(ex, outcome, resp.status, body, deadline)
-                    if next_choice is not None:
-                        choice = next_choice
-                        continue
+            # Every attempt after the first runs on a retry slot taken by _admit_retry.
+            gate = self._retry_gate if ex.attempts > 0 else None
+            with _Attempt(up, gate) as attempt:
+                failure = await self._try(attempt, request, fields, ex, body, deadline)
+                resp = attempt.response
+                if resp is not None:
+                    if resp.status < 400:
+                        return await self._relay(request, responder, resp, up, ex)
+                    decision = self._decide(ex, classify_status(resp.status), resp.status, body, deadline)
+                    if isinstance(decision, GiveUp) or not await self._hold(resp):
+                        return await self._relay(request, responder, resp, up, ex)
+                    # Held whole in memory: the connection is free while the retry is admitted.
+                    attempt.response = None
+                else:
+                    assert failure is not None
+                    decision = self._decide(ex, failure.outcome, None, body, deadline)
+            # The attempt has given back everything it held: nothing waits on the budget held.
+            choice = None if isinstance(decision, GiveUp) else await self._admit_retry(ex, decision, deadline)
+            if choice is None:
+                if resp is None:
+                    assert failure is not None
+                    raise self._attempt_error(failure, up, ex)
                 return await self._relay(request, responder, resp, up, ex)
-            finally:
-                resp.close()
-                up.inflight -= 1
+
+    async def _try(
+        self,
+        attempt: _Attempt,
+        request: Request,
+        fields: RequestFields,
+        ex: _Exchange,
+        body: _Body,
+        deadline: float | None,
+    ) -> _AttemptFailed | None:
+        """Run one attempt up to its response headers: the response goes to `attempt`, or a failure."""
+        up = attempt.upstream
+        block = self._upstream_fields(request, fields, ex, up)
+        same_upstream = up in ex.tried
+        ex.attempts += 1
+        ex.tried.append(up)
+        try:
+            if ex.attempts > 1:
+                delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
+                if delay:
+                    await asyncio.sleep(delay)
+            attempt.response = await self._send(request, up, block, body, fields.content_length, deadline)
+        except _AttemptFailed as failed:
+            return failed
+        finally:
+            attempt.release_slot()
+        return None
 
     def _upstream_fields(self, request: Request, fields: RequestFields, ex: _Exchange, up: Upstream) -> bytes:
         """The header block for `up`; built once per request unless the upstream adds its own."""
@@ -271,37 +322,40 @@ class Proxy:
             ex.plain_fields = block
         return block
 
-    async def _next_choice(
-        self,
-        ex: _Exchange,
-        outcome: Outcome,
-        status: int | None,
-        body: _Body,
-        deadline: float | None,
-    ) -> Choice | None:
-        """The upstream for a retry, or None to give up and answer with what we have."""
-        now = self._clock()
+    def _decide(
+        self, ex: _Exchange, outcome: Outcome, status: int | None, body: _Body, deadline: float | None
+    ) -> Retry | GiveUp:
+        """Whether the failed attempt is tried again (the budget is asked later, if so)."""
         decision = self._policy.decide(
             attempt=ex.attempts,
             outcome=outcome,
             status=status,
-            response_started=False,
             body_replayable=body.replayable,
-            deadline_left_s=None if deadline is None else deadline - now,
+            deadline_left_s=None if deadline is None else deadline - self._clock(),
         )
-        if isinstance(decision, GiveUp):
-            if decision.reason in _SKIPPED_RETRY_REASONS:
-                self._metrics.retries_skipped.labels(decision.reason).inc()
-            return None
+        if isinstance(decision, GiveUp) and decision.reason.skipped:
+            self._metrics.retries_skipped.labels(decision.reason).inc()
+        return decision
+
+    async def _hold(self, resp: UpstreamResponse) -> bool:
+        """Read a retryable error response whole, so it can be answered later; False if too big."""
+        try:
+            return await resp.wait_ended(HELD_ERROR_BODY_BYTES)
+        except UpstreamError:
+            return False  # relayed as far as it goes; the client sees the truncation
+
+    async def _admit_retry(self, ex: _Exchange, decision: Retry, deadline: float | None) -> Choice | None:
+        """The upstream for the retry, once the budget admits it; None to answer with what we have."""
+        now = self._clock()
         wait_s = self._budget_wait_s if deadline is None else min(self._budget_wait_s, deadline - now)
         if not await self._retry_gate.acquire(wait_s):
-            self._metrics.retries_skipped.labels("budget_exhausted").inc()
+            self._metrics.retries_skipped.labels(GiveUpReason.BUDGET_EXHAUSTED).inc()
             return None
         # Choose only after any wait for the budget, so the pick reflects the pool as it is now.
         choice = self._pool.choose(self._clock(), self._rng, ex.tried)
         if choice is None:
             self._retry_gate.release()
-            self._metrics.retries_skipped.labels("no_upstream").inc()
+            self._metrics.retries_skipped.labels(GiveUpReason.NO_UPSTREAM).inc()
             return None
         self._metrics.retries.labels(decision.reason).inc()
         return choice
@@ -324,18 +378,16 @@ class Proxy:
             deadline_bound = True
         um = self._metrics.per_upstream[up.name]
         try:
-            if timeout_s <= 0:
-                raise TimeoutError
             resp = await self._clients[up.index].request(
                 request.method,
                 request.target,
                 block,
                 body.data,
                 length=length,
-                deadline=self._loop.time() + timeout_s,
+                timeout_s=timeout_s,
                 idle_s=self._idle_s,
             )
-        except (ConnectFailed, ConnectionLost, BadResponse, TimeoutError, OSError) as exc:
+        except UpstreamError as exc:
             outcome = _outcome_of(exc)
             now = self._clock()
             self._pool.record(up, outcome, now, now - started)
@@ -348,7 +400,7 @@ class Proxy:
         outcome = classify_status(resp.status)
         retry_after = None
         if outcome is Outcome.RATE_LIMITED:
-            retry_after = parse_retry_after(_field(resp.fields, b"retry-after"), self._wall_clock())
+            retry_after = parse_retry_after(field_value(resp.fields, b"retry-after"), self._wall_clock())
         self._pool.record(up, outcome, now, ttfb, retry_after)
         um.outcomes[outcome].inc()
         um.ttfb.observe(ttfb)
@@ -397,7 +449,7 @@ class Proxy:
             while True:
                 try:
                     chunk = await resp.read()
-                except (TimeoutError, ConnectionLost, BadResponse) as exc:
+                except UpstreamError as exc:
                     timed_out = isinstance(exc, TimeoutError)
                     outcome = Outcome.TIMEOUT if timed_out else Outcome.RESET
                     detail = "idle timeout" if timed_out else type(exc).__name__
@@ -522,14 +574,6 @@ class Proxy:
                 }
             ).decode()
         )
-
-
-def _field(fields: list[tuple[bytes, bytes]], lname: bytes) -> str | None:
-    """The first value of a field (`lname` in lower case), as text."""
-    for name, value in fields:
-        if name.lower() == lname:
-            return value.decode("latin-1")
-    return None
 
 
 async def _rest(body: RequestBody, head: list[bytes] | None = None) -> AsyncIterator[bytes]:

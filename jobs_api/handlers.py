@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.headers import parse_retry_after
+from gateway.http.headers import parse_retry_after
 from jobs_api.errors import StoreUnavailable, ValidationFailed
 from jobs_api.models import Job, JobError, JobStatus, Progress
 from jobs_api.store.base import LogLevel, LogLine

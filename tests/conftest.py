@@ -14,10 +14,17 @@ from aiohttp.client import _RequestContextManager
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from gateway.app import Gateway, build_gateway, create_admin_app, start_proxy_server
+from gateway.admin import create_admin_app
+from gateway.app import Gateway, build_gateway, start_proxy_server
 from gateway.config import GatewaySettings
-from gateway.http_server import HttpServer
-from gateway.mock_inference import MOCK_BEHAVIOUR, MOCK_STATS, MockBehaviour, MockStats, create_mock_app
+from gateway.http.server import HttpServer
+from gateway.testing.mock_inference import (
+    MOCK_BEHAVIOUR,
+    MOCK_STATS,
+    MockBehaviour,
+    MockStats,
+    create_mock_app,
+)
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]

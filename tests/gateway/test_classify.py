@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.classify import (
+from gateway.policy.classify import (
     FAILURES,
     TRANSPORT_FAILURES,
     Outcome,

@@ -143,7 +143,7 @@ def mock_cmd(name: str, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "gateway.mock_inference",
+        "gateway.testing.mock_inference",
         "--host",
         "127.0.0.1",
         "--port",

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gateway.ewma import PeakEwma
+from gateway.policy.ewma import PeakEwma
 
 
 def measured(decay_s: float, value_s: float, now: float) -> PeakEwma:

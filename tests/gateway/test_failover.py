@@ -179,6 +179,27 @@ async def test_failover_retry_budget_stops_retries(
     assert gw.sample("gateway_retries_skipped_total", {"reason": "budget_exhausted"}) == 1
 
 
+async def test_failover_error_response_held_while_retry_waits_frees_upstream(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """A 503 is read whole and its attempt ends before the retry waits for the budget."""
+    bad = await start_mock("bad", error_rate=1.0, error_status=503)
+    gw = await start_gateway(
+        bad.spec, retry={"budget_ratio": 0.0, "budget_min_concurrency": 0, "budget_wait_s": 0.5}
+    )
+    request = asyncio.create_task(gw.client.post("/v1/chat/completions", json={}))
+    await asyncio.sleep(0.25)  # the retry is waiting for a budget slot that never comes
+    assert not request.done()
+    assert gw.state.pool.by_name["bad"].inflight == 0
+    # The error's connection went back to the pool instead of being held open.
+    assert gw.state.clients[0].idle_connections == 1
+    resp = await request
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["error"]["type"]  # the upstream's own error body, relayed whole
+    assert resp.headers["X-Gateway-Upstream"] == "bad"
+
+
 async def test_failover_max_attempts_bounds_tries(start_mock: StartMock, start_gateway: StartGateway) -> None:
     mocks = [await start_mock(n, error_rate=1.0, error_status=500) for n in "abcd"]
     gw = await start_gateway(*(m.spec for m in mocks), retry={"max_attempts": 3})

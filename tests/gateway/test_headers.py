@@ -9,11 +9,12 @@ from email.utils import format_datetime
 import pytest
 from multidict import CIMultiDict
 
-from gateway.headers import (
+from gateway.http.headers import (
     HOP_BY_HOP,
     RequestFieldReader,
     StaticFields,
     client_response_fields,
+    field_value,
     parse_retry_after,
     upstream_request_fields,
 )
@@ -250,14 +251,15 @@ def test_response_values_the_gateway_reads() -> None:
     )
     assert fields.content_length == 42
     assert fields.content_type == b"text/event-stream"
-    assert fields.retry_after == b"3"
+    assert b"Retry-After: 3\r\n" in fields.block
     empty = client_response_fields([])
-    assert (empty.block, empty.content_length, empty.content_type, empty.retry_after) == (
-        b"",
-        None,
-        None,
-        None,
-    )
+    assert (empty.block, empty.content_length, empty.content_type) == (b"", None, None)
+
+
+def test_field_value_is_the_first_value_case_insensitively() -> None:
+    fields = hdrs(("retry-after", "3"), ("Retry-After", "9"))
+    assert field_value(fields, b"retry-after") == "3"
+    assert field_value(fields, b"x-missing") is None
 
 
 def test_response_gateway_tracing_headers_replaced_not_forwarded() -> None:

@@ -19,8 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway import http_server
-from gateway.http_server import Handler, HttpServer, Request, Responder
+from gateway.http.server import Handler, HttpServer, Request, Responder
 from tests.conftest import AiohttpServer, StartGateway, StartMock
 from tests.gateway.raw_http import (
     OpenRaw,
@@ -40,9 +39,18 @@ async def serve() -> AsyncIterator[StartServer]:
     servers: list[HttpServer] = []
 
     async def start(
-        handler: Handler, *, max_header_bytes: int = 8192, keepalive_s: float = 75.0
+        handler: Handler,
+        *,
+        max_header_bytes: int = 8192,
+        keepalive_s: float = 75.0,
+        sweep_interval_s: float = 5.0,
     ) -> HttpServer:
-        server = HttpServer(handler, max_header_bytes=max_header_bytes, keepalive_s=keepalive_s)
+        server = HttpServer(
+            handler,
+            max_header_bytes=max_header_bytes,
+            keepalive_s=keepalive_s,
+            sweep_interval_s=sweep_interval_s,
+        )
         await server.start("127.0.0.1", 0)
         servers.append(server)
         return server
@@ -312,18 +320,14 @@ async def test_server_upgrade_request_is_answered_as_http_then_closed(
     await expect_eof(reader)
 
 
-async def test_server_closes_idle_keepalive_connections_only(
-    serve: StartServer, monkeypatch: pytest.MonkeyPatch, open_raw: OpenRaw
-) -> None:
-    # The sweep period is a module constant of 5 s; shortened so the test takes a fraction of a second.
-    monkeypatch.setattr(http_server, "_SWEEP_INTERVAL_S", 0.02)
+async def test_server_closes_idle_keepalive_connections_only(serve: StartServer, open_raw: OpenRaw) -> None:
 
     async def handler(request: Request, responder: Responder) -> None:
         if request.target == b"/slow":
             await asyncio.sleep(0.4)  # longer than keep-alive: a busy connection is not idle
         await echo(request, responder)
 
-    server = await serve(handler, keepalive_s=0.1)
+    server = await serve(handler, keepalive_s=0.1, sweep_interval_s=0.02)
     idle_reader, idle_writer = await open_raw(server.port)
     idle_writer.write(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await read_response(idle_reader)).status == 200

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.mock_inference import (
+from gateway.testing.mock_inference import (
     MOCK_BEHAVIOUR,
     MOCK_STATS,
     MockBehaviour,
@@ -378,7 +378,7 @@ async def test_server_handler_cancellation_counts_disconnect(
 
 async def test_cli_serves_health_and_exits_on_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    argv = ["-m", "gateway.mock_inference", "--port", "0", "--name", "cli", "--seed", "1"]
+    argv = ["-m", "gateway.testing.mock_inference", "--port", "0", "--name", "cli", "--seed", "1"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, cwd=REPO_ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

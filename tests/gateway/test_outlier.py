@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.classify import Outcome
 from gateway.config import HealthSettings, OutlierSettings
-from gateway.outlier import State, Transition, UpstreamHealth
+from gateway.policy.classify import Outcome
+from gateway.policy.outlier import State, Transition, UpstreamHealth
 
 INF = float("inf")
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, load_settings
-from gateway.supervisor import WorkerStartError, describe_exit, make_runtime_dir, restart_delay_s
+from gateway.workers.supervisor import WorkerStartError, describe_exit, make_runtime_dir, restart_delay_s
 from tests.conftest import MockUpstream, StartMock
 from tests.gateway.test_cli import CHAT, SERVING_RE, Proc, clean_env, gateway_cmd, run_gateway
 

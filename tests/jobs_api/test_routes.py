@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from gateway.mock_inference import MOCK_STATS, MockBehaviour, create_mock_app
+from gateway.testing.mock_inference import MOCK_STATS, MockBehaviour, create_mock_app
 from jobs_api import routes
 from jobs_api.app import RUNNER, STORE, create_app
 from jobs_api.models import JobStatus

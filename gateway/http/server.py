@@ -20,19 +20,18 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import cast
 
 import httptools
 import orjson
 
+from gateway.http.flow import BodyBuffer, FlowControl
+
 log = logging.getLogger(__name__)
 
-# Request bodies buffer up to this much before the client socket is paused.
-BODY_HIGH_WATER = 256 * 1024
-BODY_LOW_WATER = 64 * 1024
 # Idle keep-alive connections are closed after this long (as aiohttp's server does).
 KEEPALIVE_S = 75.0
-_SWEEP_INTERVAL_S = 5.0
+# How often idle keep-alive connections are looked for.
+SWEEP_INTERVAL_S = 5.0
 
 _STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
 _CRLF = b"\r\n"
@@ -47,63 +46,10 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
     return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-class RequestBody:
+class RequestBody(BodyBuffer):
     """The request body as it arrives; `read()` returns what is buffered, b"" at the end."""
 
-    __slots__ = ("_chunks", "_eof", "_error", "_protocol", "_size", "_waiter")
-
-    def __init__(self, protocol: HttpProtocol) -> None:
-        self._protocol = protocol
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._eof = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def at_eof(self) -> bool:
-        """The whole body has arrived and been read."""
-        return self._eof and not self._chunks
-
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size > BODY_HIGH_WATER:
-            self._protocol.pause_reading_body()
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self._eof:
-            self._error = exc
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def read(self) -> bytes:
-        """The next bytes of the body; b"" once it has ended. Raises if the client left early."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            if self._error is not None:
-                raise self._error
-            self._waiter = self._protocol.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
-        self._size = 0
-        self._protocol.resume_reading_body()
-        return data
+    __slots__ = ()
 
     async def read_all(self) -> bytes:
         """Everything up to the end of the body."""
@@ -243,18 +189,16 @@ class _HeaderTooLarge(Exception):
 _DETACHED_PARSER = httptools.HttpRequestParser(object())
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(FlowControl):
     """One client connection."""
 
-    def __init__(self, server: HttpServer) -> None:
-        self.loop = server.loop
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
         self._server = server
         self._handler = server.handler
         self._max_header_bytes = server.max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
         self._peer: str | None = None
-        self._closed = False
         # Parsing state of the request being read.
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
@@ -264,10 +208,7 @@ class HttpProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._current: Request | None = None
         self._queue: deque[Request] = deque()
-        self._reading_paused = False
-        self.write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self.last_active = self.loop.time()
+        self.last_active = loop.time()
 
     @property
     def draining(self) -> bool:
@@ -277,10 +218,13 @@ class HttpProtocol(asyncio.Protocol):
     def idle(self) -> bool:
         return self._current is None and self._parsing is None
 
+    def connection_error(self) -> Exception:
+        return ConnectionResetError("client disconnected")
+
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else None
         sock = transport.get_extra_info("socket")
@@ -316,33 +260,20 @@ class HttpProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        super().connection_lost(exc)
         self._server.connections.discard(self)
-        gone = ConnectionResetError("client disconnected")
+        gone = self.connection_error()
         if self._parsing is not None:
             self._parsing.body.fail(gone)
             self._parsing = None
         self._queue.clear()
-        # The parser holds bound methods of this protocol, and the transport holds the protocol:
-        # break those cycles so a closed connection is freed at once, not by a later GC pass.
+        # The parser holds bound methods of this protocol: break that cycle so a closed
+        # connection is freed at once, not by a later GC pass.
         self._parser = _DETACHED_PARSER
-        self._transport = None
         if self._current is not None:
             self._current.body.fail(gone)
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(gone)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # --- httptools callbacks --------------------------------------------------------------
 
@@ -409,7 +340,7 @@ class HttpProtocol(asyncio.Protocol):
             request.keep_alive = False  # the client left (or the server is closing): nothing to answer
         except Exception:
             log.exception("request handler failed")
-            if not responder.started and not self._closed:
+            if not responder.started and not self.closed:
                 responder.send(
                     500, b"Content-Type: application/json\r\n", _error_body("internal", "internal error")
                 )
@@ -421,7 +352,7 @@ class HttpProtocol(asyncio.Protocol):
         self._current = None
         self._task = None
         self.last_active = self.loop.time()
-        if self._closed:
+        if self.closed:
             return
         if not responder.done:
             responder.abort()
@@ -437,7 +368,7 @@ class HttpProtocol(asyncio.Protocol):
     def _reject(self, status: int, error_type: str, message: str) -> None:
         """Answer a request that could not be parsed, then close."""
         self._parser = httptools.HttpRequestParser(self)  # the old one is in an error state
-        if self._current is None and not self._closed:
+        if self._current is None and not self.closed:
             body = _error_body(error_type, message)
             head = status_line(status) + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(
                 body
@@ -448,40 +379,15 @@ class HttpProtocol(asyncio.Protocol):
     # --- transport helpers -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            raise ConnectionResetError("client disconnected")
-        self._transport.write(data)
-
-    async def drain(self) -> None:
-        if self._closed:
-            raise ConnectionResetError("client disconnected")
-        self._drain_waiter = self.loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None and not self._closed:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise self.connection_error()
+        transport.write(data)
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self._closed:
-            self._reading_paused = False
-            self._transport.resume_reading()
-
-    def pause_reading_body(self) -> None:
-        self.pause_reading()
-
-    def resume_reading_body(self) -> None:
-        # Only the request being read may resume the socket; a queued pipelined request keeps it paused.
+        # A queued pipelined request keeps the socket paused until it is the one being answered.
         if not self._queue:
-            self.resume_reading()
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+            super().resume_reading()
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -504,47 +410,58 @@ def _expects_continue(fields: list[tuple[bytes, bytes]]) -> bool:
 class HttpServer:
     """Listens, tracks connections, closes idle keep-alives, and drains on shutdown."""
 
-    def __init__(self, handler: Handler, *, max_header_bytes: int, keepalive_s: float = KEEPALIVE_S) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_header_bytes: int,
+        keepalive_s: float = KEEPALIVE_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+    ) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.keepalive_s = keepalive_s
+        self.sweep_interval_s = sweep_interval_s
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> None:
-        self._server = await self.loop.create_server(
-            lambda: HttpProtocol(self), host, port, backlog=backlog, reuse_port=reuse_port or None
+        """Listen on host:port (0 picks a free port) on the running loop."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self, loop), host, port, backlog=backlog, reuse_port=reuse_port or None
         )
-        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep)
+        self._sweeper = loop.call_later(self.sweep_interval_s, self._sweep, loop)
 
     @property
     def port(self) -> int:
+        """The port listened on."""
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _sweep(self) -> None:
-        cutoff = self.loop.time() - self.keepalive_s
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        cutoff = loop.time() - self.keepalive_s
         for conn in list(self.connections):
             if conn.idle and conn.last_active < cutoff:
                 conn.close()
-        self._sweeper = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep)
+        self._sweeper = loop.call_later(self.sweep_interval_s, self._sweep, loop)
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let in-flight requests finish within `grace_s`, then close everything."""
+        loop = asyncio.get_running_loop()
         self.draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
-        deadline = self.loop.time() + grace_s
+        deadline = loop.time() + grace_s
         while True:
             for conn in list(self.connections):
                 if conn.idle:
                     conn.close()
-            if not self.connections or self.loop.time() >= deadline:
+            if not self.connections or loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
         for conn in list(self.connections):

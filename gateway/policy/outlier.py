@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gateway.classify import Outcome, is_failure
 from gateway.config import HealthSettings, OutlierSettings
+from gateway.policy.classify import Outcome, is_failure
 
 
 class State(StrEnum):

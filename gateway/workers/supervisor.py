@@ -2,7 +2,7 @@
 
 The supervisor reserves the port (SO_REUSEPORT, bound but never listening), spawns the workers,
 and lets the kernel spread new connections over them. It serves the merged admin API on the admin
-port (`gateway.admin_merge`), asking each worker over a unix socket in a private 0700 directory.
+port (`gateway.workers.fleet_admin`), asking each worker over a unix socket in a private 0700 directory.
 A worker that exits is replaced after a backoff; SIGTERM/SIGINT stops every worker within the
 grace period. Each worker is a whole gateway: health checks, ejection, EWMA and retry budget are
 per worker.
@@ -32,9 +32,9 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from gateway import __version__
-from gateway.admin_merge import WorkerRef, ask, bearer, create_supervisor_admin_app, mutation_path
-from gateway.cli import configure_logging, run, serve
 from gateway.config import GatewaySettings
+from gateway.server import configure_logging, run, serve
+from gateway.workers.fleet_admin import WorkerRef, ask, bearer, create_supervisor_admin_app, mutation_path
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class Supervisor:
         await self.stop_all()
         await self._stack.aclose()
 
-    # The Fleet protocol of gateway.admin_merge.
+    # The Fleet protocol of gateway.workers.fleet_admin.
 
     @property
     def stopping(self) -> bool:

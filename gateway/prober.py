@@ -12,7 +12,7 @@ from yarl import URL
 
 from gateway.config import HealthSettings
 from gateway.metrics import GatewayMetrics
-from gateway.pool import Pool, Upstream
+from gateway.policy.upstreams import Pool, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,16 @@ class HealthProber:
     def __init__(
         self,
         pool: Pool,
-        session: aiohttp.ClientSession,
         settings: HealthSettings,
         metrics: GatewayMetrics,
         *,
         clock: Callable[[], float],
         rng: random.Random,
+        keepalive_s: float,
     ) -> None:
         self._pool = pool
-        self._session = session
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -43,23 +44,34 @@ class HealthProber:
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        """Start the loops on the running event loop."""
+    async def start(self) -> None:
+        """Open the checks' HTTP session and start the loops on the running event loop."""
+        # Health checks are a few requests a second at most: aiohttp's client is fine here.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_s),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
         for up in self._pool.upstreams:
             if up.health_path is not None:
                 self._tasks.append(asyncio.create_task(self._loop(up), name=f"health:{up.name}"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="health:refresh"))
 
     async def stop(self) -> None:
-        """Cancel the loops and wait for them to end."""
+        """Cancel the loops, wait for them to end, and close the session."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def check(self, up: Upstream) -> bool:
         """One check: True for a 2xx answer within the timeout."""
-        assert up.health_path is not None
+        assert up.health_path is not None and self._session is not None, "start() first"
         url = URL(up.base_url + up.health_path, encoded=True)
         try:
             async with self._session.get(

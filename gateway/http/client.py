@@ -13,6 +13,8 @@ for a proxy kept here in one place:
 - One timer per attempt: until response headers it enforces the attempt deadline; on a
   streamed body it becomes the idle watchdog.
 - Backpressure: a response body buffered faster than the client reads pauses the upstream socket.
+- Errors: every failure is an UpstreamError of its phase (connect, send, receive), so a caller
+  knows what the upstream may have seen of the request.
 """
 
 from __future__ import annotations
@@ -20,161 +22,126 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import httptools
 from yarl import URL
 
-# Response body bytes buffered before the upstream socket is paused.
-RESPONSE_HIGH_WATER = 256 * 1024
+from gateway.http.flow import BodyBuffer, FlowControl
 
-Phase = Literal["headers", "body"]
+Phase = Literal["connect", "send", "receive"]
 
 # Stands in for the parser of a closed connection (never fed).
 _DETACHED_PARSER = httptools.HttpResponseParser(object())
 
 
-class ConnectFailed(Exception):
-    """No TCP (or TLS) connection to the upstream: refused, unreachable or timed out."""
+class UpstreamError(Exception):
+    """Root of the upstream client's errors: an exchange that failed, grouped by its phase.
+
+    The phase tells what the upstream may have seen: nothing (connect), part of the request
+    (send), or all of it (receive), so whether the upstream may have acted on it.
+    """
+
+    phase: ClassVar[Phase]
 
 
-class ConnectionLost(Exception):
-    """The upstream closed or reset the connection before the response was complete."""
+class ConnectError(UpstreamError):
+    """No TCP (or TLS) connection: refused, unreachable, or not within the connect timeout."""
+
+    phase = "connect"
 
 
-class BadResponse(Exception):
+class ConnectTimeout(ConnectError, TimeoutError):
+    """The attempt's own deadline passed before a connection was made."""
+
+
+class SendError(UpstreamError):
+    """The connection failed while the request was being written."""
+
+    phase = "send"
+
+
+class SendTimeout(SendError, TimeoutError):
+    """The attempt's deadline passed while the request was being written."""
+
+
+class ReceiveError(UpstreamError):
+    """The request was sent; the upstream closed or reset before its response was complete."""
+
+    phase = "receive"
+
+
+class ReceiveTimeout(ReceiveError, TimeoutError):
+    """No response headers by the attempt's deadline, or a body that went idle too long."""
+
+
+class BadResponse(ReceiveError):
     """The upstream sent something that is not HTTP/1.1."""
 
 
-class UpstreamResponse:
+class UpstreamResponse(BodyBuffer):
     """Status, header fields and body stream of one upstream response."""
 
-    __slots__ = (
-        "_chunks",
-        "_complete",
-        "_conn",
-        "_error",
-        "_size",
-        "_waiter",
-        "fields",
-        "last_data_at",
-        "reason",
-        "status",
-    )
+    __slots__ = ("fields", "last_data_at", "reason", "status")
 
     def __init__(
         self, conn: _Connection, status: int, reason: bytes, fields: list[tuple[bytes, bytes]]
     ) -> None:
-        self._conn: _Connection | None = conn
+        super().__init__(conn)
         self.status = status
         self.reason = reason
         self.fields = fields
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._complete = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self.last_data_at = 0.0
 
     @property
     def complete(self) -> bool:
         """The whole body has arrived (it may still be buffered here)."""
-        return self._complete
+        return self.ended
 
     def take_buffered(self) -> bytes:
         """Whatever body bytes have arrived and not been read, without waiting."""
-        chunks = self._chunks
-        if not chunks:
-            return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
-        self._size = 0
-        if self._conn is not None:
-            self._conn.resume_reading()
-        return data
-
-    async def read(self) -> bytes:
-        """The next body bytes; b"" at the end. Raises ConnectionLost, BadResponse or TimeoutError."""
-        while not self._chunks:
-            if self._complete:
-                return b""
-            if self._error is not None:
-                raise self._error
-            assert self._conn is not None
-            self._waiter = self._conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.take_buffered()
+        return self.take()
 
     def close(self) -> None:
         """Done with this response: an unfinished one takes its connection down with it."""
-        conn = self._conn
-        self._conn = None
+        conn = self._source
         if conn is not None:
-            conn.finish_exchange(reusable=False)
-
-    # Called by the connection.
-
-    def _feed(self, data: bytes, now: float) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self.last_data_at = now
-        if self._size > RESPONSE_HIGH_WATER and self._conn is not None:
-            self._conn.pause_reading()
-        self._wake()
-
-    def _finish(self) -> None:
-        self._complete = True
-        self._conn = None
-        self._wake()
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self._complete:
-            self._error = exc
-            self._conn = None
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            cast(_Connection, conn).finish_exchange(reusable=False)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(FlowControl):
     """One connection to an upstream; carries one exchange at a time."""
 
-    def __init__(self, client: UpstreamClient) -> None:
-        self.loop = client.loop
+    def __init__(self, client: UpstreamClient, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
         self._client = client
         self._parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
         self.idle_since = 0.0
-        self._paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         # The exchange in progress.
         self._headers_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._is_head = False
         self._close_delimited = False
-        self._got_bytes = False
+        self._sent = False
+        self.got_bytes = False
         self._server_keeps_alive = True
         self._reason = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._phase: Phase = "headers"
+        self._watching_body = False
         self._idle_s = 0.0
+
+    def connection_error(self) -> Exception:
+        return SendError("upstream closed the connection while the request was sent")
+
+    def _lost(self, why: str) -> UpstreamError:
+        """The error of an exchange cut off now, by the phase it was in."""
+        return ReceiveError(why) if self._sent else SendError(why)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
+        self.got_bytes = True
         if self._headers_waiter is None and self._response is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted any more
             return
@@ -190,27 +157,15 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         # Break the parser -> bound method -> protocol cycle so the connection is freed at once.
         self._parser = _DETACHED_PARSER
         response = self._response
         if response is not None and self._close_delimited and not response.complete:
-            response._finish()  # a body without length ends when the connection does
+            response.feed_eof()  # a body without length ends when the connection does
             self._response = None
-        self._fail(ConnectionLost(f"upstream closed the connection ({exc or 'EOF'})"))
+        self._fail(self._lost(f"upstream closed the connection ({exc or 'EOF'})"))
         self._cancel_timer()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionLost("upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        super().connection_lost(exc)
 
     # --- httptools callbacks --------------------------------------------------------------
 
@@ -249,7 +204,7 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         if self._is_head:
             # httptools cannot be told a HEAD response has no body; end it here and do not reuse.
-            response._finish()
+            response.feed_eof()
             self._response = None
             self.finish_exchange(reusable=False)
         waiter.set_result(response)
@@ -257,14 +212,15 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is not None:
-            response._feed(body, self.loop.time())
+            response.last_data_at = self.loop.time()
+            response.feed(body)
 
     def on_message_complete(self) -> None:
         response = self._response
         if response is None:
             return
         self._response = None
-        response._finish()
+        response.feed_eof()
         self.finish_exchange(reusable=not self._close_delimited)
 
     # --- the exchange ---------------------------------------------------------------------
@@ -279,66 +235,74 @@ class _Connection(asyncio.Protocol):
         idle_s: float,
     ) -> UpstreamResponse:
         """Send one request and wait for its response headers."""
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self._is_head = is_head
-        self._got_bytes = False
+        self._sent = False
+        self.got_bytes = False
         self._close_delimited = False
         self._server_keeps_alive = True
         self._idle_s = idle_s
-        self._phase = "headers"
+        self._watching_body = False
         waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._headers_waiter = waiter
         self._timer = self.loop.call_at(deadline, self._on_timer)
         try:
             if body is None or isinstance(body, bytes):
-                self.transport.write(head + body if body else head)
+                transport.write(head + body if body else head)
             else:
-                self.transport.write(head)
+                transport.write(head)
                 try:
                     await self._send_stream(body, chunked)
-                except ConnectionLost:
+                except SendError:
                     # If the timer or the upstream ended the exchange first, say why.
                     if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
                         raise waiter.exception() from None  # type: ignore[misc]
                     raise
+            self._sent = True
             return await waiter
         except BaseException:
+            # Errors of a streamed body's source (the client leaving) pass through unchanged.
             self._headers_waiter = None
             self.finish_exchange(reusable=False)
             raise
 
     async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
-        assert self.transport is not None
         async for chunk in body:
-            if self.closed:
-                raise ConnectionLost("upstream closed the connection while the body was sent")
+            transport = self.transport
+            if self.closed or transport is None:
+                raise self.connection_error()
             if not chunk:
                 continue
-            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if self._write_paused:
-                self._drain_waiter = self.loop.create_future()
-                try:
-                    await self._drain_waiter
-                finally:
-                    self._drain_waiter = None
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if self.write_paused:
+                await self.drain()
         if chunked:
+            if self.closed or self.transport is None:
+                raise self.connection_error()
             self.transport.write(b"0\r\n\r\n")
 
     def watch_body(self) -> None:
         """Headers are in and the body is streaming: the timer now watches for idle gaps."""
         if self._response is not None:
-            self._phase = "body"
-            self._response.last_data_at = self.loop.time()
-            self._timer = self.loop.call_at(self.loop.time() + self._idle_s, self._on_timer)
+            self._watching_body = True
+            now = self.loop.time()
+            self._response.last_data_at = now
+            self._timer = self.loop.call_at(now + self._idle_s, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._phase == "body" and self._response is not None:
-            due = self._response.last_data_at + self._idle_s
+        response = self._response
+        if self._watching_body and response is not None:
+            due = response.last_data_at + self._idle_s
             if due > self.loop.time():
                 self._timer = self.loop.call_at(due, self._on_timer)
                 return
-        self._fail(TimeoutError())
+            self._fail(ReceiveTimeout(f"no response bytes for {self._idle_s:g} s"))
+        elif self._sent:
+            self._fail(ReceiveTimeout("no response headers within the attempt timeout"))
+        else:
+            self._fail(SendTimeout("the request was not sent within the attempt timeout"))
         self.close()
 
     def _cancel_timer(self) -> None:
@@ -346,7 +310,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: UpstreamError) -> None:
         waiter = self._headers_waiter
         if waiter is not None and not waiter.done():
             self._headers_waiter = None
@@ -354,38 +318,19 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is not None:
             self._response = None
-            response._fail(exc)
+            response.fail(exc)
 
     def finish_exchange(self, *, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
         self._cancel_timer()
         if self._response is not None:
-            self._response._fail(ConnectionLost("response abandoned"))
+            self._response.fail(ReceiveError("response abandoned"))
             self._response = None
         if reusable and self._server_keeps_alive and not self.closed:
             self.resume_reading()
             self._client.put_back(self)
         else:
             self.close()
-
-    @property
-    def got_bytes(self) -> bool:
-        return self._got_bytes
-
-    def pause_reading(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._paused and self.transport is not None and not self.closed:
-            self._paused = False
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
 
 def _close_delimited(status: int, fields: list[tuple[bytes, bytes]]) -> bool:
@@ -402,7 +347,6 @@ class UpstreamClient:
     """Connections to one upstream base URL, reused with keep-alive."""
 
     def __init__(self, base_url: str, *, connect_timeout_s: float, keepalive_s: float) -> None:
-        self.loop = asyncio.get_running_loop()
         url = URL(base_url)
         assert url.host is not None and url.port is not None
         self._host = url.host
@@ -417,6 +361,11 @@ class UpstreamClient:
         self._keepalive_s = keepalive_s
         self._idle: list[_Connection] = []
 
+    @property
+    def idle_connections(self) -> int:
+        """Kept-alive connections waiting for the next request."""
+        return len(self._idle)
+
     async def request(
         self,
         method: bytes,
@@ -425,15 +374,19 @@ class UpstreamClient:
         body: bytes | AsyncIterator[bytes] | None,
         *,
         length: int | None,
-        deadline: float,
+        timeout_s: float,
         idle_s: float,
     ) -> UpstreamResponse:
-        """Send a request; return once its response headers are in.
+        """Send a request; return once its response headers are in, within `timeout_s`.
 
         `fields` is the header block without Host and framing; `length` is the body's size,
-        or None to send a streamed body chunked. Raises ConnectFailed, ConnectionLost,
-        BadResponse or TimeoutError (the deadline passed first).
+        or None to send a streamed body chunked. Once the headers are in, a body that stays
+        silent for `idle_s` fails with ReceiveTimeout. Raises UpstreamError.
         """
+        if timeout_s <= 0:
+            raise ConnectTimeout("no time left for the attempt")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         framing = b""
         chunked = False
         if body is not None:
@@ -451,37 +404,37 @@ class UpstreamClient:
         )
         is_head = method == b"HEAD"
         while True:
-            conn, reused = await self._acquire(deadline)
+            conn, reused = await self._acquire(loop, deadline)
             try:
                 response = await conn.exchange(head, body, chunked, is_head, deadline, idle_s)
-            except ConnectionLost:
+            except (SendError, ReceiveError) as exc:
                 # A kept-alive connection the server closed just as we reused it: send again on
                 # a fresh one. Only bytes bodies can be sent twice, and only if nothing came back.
-                if reused and not conn.got_bytes and not isinstance(body, AsyncIterator):
+                if reused and _closed_early(exc, conn) and not isinstance(body, AsyncIterator):
                     continue
                 raise
             if not response.complete:
                 conn.watch_body()
             return response
 
-    async def _acquire(self, deadline: float) -> tuple[_Connection, bool]:
-        now = self.loop.time()
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> tuple[_Connection, bool]:
+        now = loop.time()
         idle = self._idle
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self._keepalive_s:
                 return conn, True
             conn.close()
-        return await self._connect(deadline - now), False
+        return await self._connect(loop, deadline - now), False
 
-    async def _connect(self, remaining_s: float) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, remaining_s: float) -> _Connection:
         if remaining_s <= 0:
-            raise TimeoutError
+            raise ConnectTimeout("no time left to connect")
         timeout = min(self._connect_timeout_s, remaining_s)
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self),
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -489,14 +442,15 @@ class UpstreamClient:
                 )
         except TimeoutError:
             if timeout < remaining_s:
-                raise ConnectFailed(f"connect timed out after {timeout:g} s") from None
-            raise
+                raise ConnectError(f"connect timed out after {timeout:g} s") from None
+            raise ConnectTimeout(f"the attempt's deadline passed while connecting ({timeout:g} s)") from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+            raise ConnectError(f"{type(exc).__name__}: {exc}") from None
         return conn
 
     def put_back(self, conn: _Connection) -> None:
-        now = self.loop.time()
+        """An exchange on `conn` ended cleanly: keep it for the next request."""
+        now = conn.loop.time()
         conn.idle_since = now
         idle = self._idle
         idle.append(conn)
@@ -505,8 +459,8 @@ class UpstreamClient:
             idle.pop(0).close()
 
     def sweep(self) -> None:
-        """Close idle connections past their keep-alive (called periodically)."""
-        now = self.loop.time()
+        """Close idle connections past their keep-alive (called periodically, on the loop)."""
+        now = asyncio.get_running_loop().time()
         keep = [c for c in self._idle if not c.closed and now - c.idle_since < self._keepalive_s]
         for conn in self._idle:
             if conn not in keep:
@@ -518,3 +472,8 @@ class UpstreamClient:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+def _closed_early(exc: UpstreamError, conn: _Connection) -> bool:
+    """The upstream closed the connection without sending a byte (not a timeout or bad bytes)."""
+    return not conn.got_bytes and not isinstance(exc, (TimeoutError, BadResponse))

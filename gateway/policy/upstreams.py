@@ -20,11 +20,11 @@ import statistics
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
-from gateway.balancer import cost, pick
-from gateway.classify import Outcome, is_failure
 from gateway.config import GatewaySettings, Strategy, UpstreamSettings
-from gateway.ewma import PeakEwma
-from gateway.outlier import State, Transition, UpstreamHealth
+from gateway.policy.balancer import cost, pick
+from gateway.policy.classify import Outcome, is_failure
+from gateway.policy.ewma import PeakEwma
+from gateway.policy.outlier import State, Transition, UpstreamHealth
 
 FAILURE_PENALTY_S = 1.0
 _NO_TIER = 1 << 62

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.classify import Outcome
 from gateway.config import GatewaySettings, Strategy, UpstreamSettings
-from gateway.outlier import State, Transition
-from gateway.pool import FAILURE_PENALTY_S, Choice, Pool, Upstream
+from gateway.policy.classify import Outcome
+from gateway.policy.outlier import State, Transition
+from gateway.policy.upstreams import FAILURE_PENALTY_S, Choice, Pool, Upstream
 
 Event = tuple[str, State, State, float]
 

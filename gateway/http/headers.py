@@ -54,7 +54,6 @@ _RESPONSE_KINDS: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"content-length": _CAPTURE,
     b"content-type": _KEEP_AND_CAPTURE,
-    b"retry-after": _KEEP_AND_CAPTURE,
     b"x-request-id": _DROP,
     b"x-gateway-upstream": _DROP,
     b"x-gateway-attempts": _DROP,
@@ -183,19 +182,12 @@ def upstream_request_fields(
 class ResponseFields:
     """An upstream response's header block for the client, and the values the gateway reads."""
 
-    __slots__ = ("block", "content_length", "content_type", "retry_after")
+    __slots__ = ("block", "content_length", "content_type")
 
-    def __init__(
-        self,
-        block: bytes,
-        content_length: int | None,
-        content_type: bytes | None,
-        retry_after: bytes | None,
-    ) -> None:
+    def __init__(self, block: bytes, content_length: int | None, content_type: bytes | None) -> None:
         self.block = block
         self.content_length = content_length
         self.content_type = content_type
-        self.retry_after = retry_after
 
 
 def client_response_fields(fields: list[tuple[bytes, bytes]]) -> ResponseFields:
@@ -224,8 +216,15 @@ def client_response_fields(fields: list[tuple[bytes, bytes]]) -> ResponseFields:
         b"".join(line for _, line in lines),
         int(length.partition(b",")[0]) if length is not None else None,
         captured.get(b"content-type"),
-        captured.get(b"retry-after"),
     )
+
+
+def field_value(fields: list[tuple[bytes, bytes]], lname: bytes) -> str | None:
+    """The first value of a header field (`lname` in lower case), as text; None if absent."""
+    for name, value in fields:
+        if name.lower() == lname:
+            return value.decode("latin-1")
+    return None
 
 
 def parse_retry_after(value: str | None, now_wall_s: float) -> float | None:

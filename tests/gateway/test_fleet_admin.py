@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin_merge import (
+from gateway.workers.fleet_admin import (
     WorkerAnswer,
     merge_events,
     merge_metrics,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from gateway.retry import RetryBudget
+from gateway.policy.budget import RetryBudget
 
 
 class RetryGate:

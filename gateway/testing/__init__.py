@@ -1,0 +1,1 @@
+"""Tools for trying and testing the gateway: an OpenAI-compatible mock inference server."""

@@ -1,0 +1,1 @@
+"""`gateway --workers N`: the supervisor of N worker processes and its fleet-wide admin API."""
