@@ -60,6 +60,7 @@ class Gateway:
                 up.base_url,
                 connect_timeout_s=settings.timeouts.connect_s,
                 keepalive_s=settings.upstream_keepalive_s,
+                max_header_bytes=settings.max_upstream_header_bytes,
             )
             for up in self.pool.upstreams
         ]
@@ -138,9 +139,21 @@ def build_gateway(
     )
 
 
-async def start_proxy_server(gateway: Gateway, *, reuse_port: bool = False) -> HttpServer:
-    """Serve `gateway` on its configured host and port (port 0 picks a free one)."""
+async def start_proxy_server(
+    gateway: Gateway, *, reuse_port: bool = False, max_connections: int | None = None
+) -> HttpServer:
+    """Serve `gateway` on its configured host and port (port 0 picks a free one).
+
+    `max_connections` applies when the settings leave it unset (the process derives it from its
+    open-files limit); unset in both, connections are not capped.
+    """
     s = gateway.settings
-    server = HttpServer(gateway.proxy.handle, max_header_bytes=s.max_header_bytes)
+    server = HttpServer(
+        gateway.proxy.handle,
+        max_header_bytes=s.max_header_bytes,
+        header_timeout_s=s.client_header_timeout_s,
+        body_timeout_s=s.client_body_timeout_s,
+        max_connections=s.max_connections or max_connections,
+    )
     await server.start(s.host, s.port, backlog=1024, reuse_port=reuse_port)
     return server

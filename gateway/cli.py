@@ -177,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(2)
 
         configure_logging(overrides.get("log_level", "info"))
-        run(lambda: run_demo(overrides, config_file))
+        try:
+            run(lambda: run_demo(overrides, config_file))
+        except OSError as err:
+            print(f"gateway: cannot listen: {err.strerror or err}", file=sys.stderr)
+            raise SystemExit(1) from None
         return
     try:
         settings = load_settings(overrides, config_file)

@@ -30,6 +30,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 from yarl import URL
 
@@ -37,6 +38,7 @@ MIB = 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _NAMED_URL_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})=(.+)$")
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class Strategy(StrEnum):
@@ -90,7 +92,14 @@ class UpstreamSettings(_Frozen):
     @field_validator("headers")
     @classmethod
     def _expand_env(cls, value: dict[str, str]) -> dict[str, str]:
-        return {k: expand_env_refs(v, os.environ) for k, v in value.items()}
+        out = {}
+        for name, raw in value.items():
+            check_header_name(name)
+            expanded = expand_env_refs(raw, os.environ)
+            # A Secret with a trailing newline would otherwise split the request's headers.
+            check_header_value(name, expanded)
+            out[name] = expanded
+        return out
 
     @model_validator(mode="after")
     def _default_name(self) -> UpstreamSettings:
@@ -100,6 +109,28 @@ class UpstreamSettings(_Frozen):
         elif not _NAME_RE.match(self.name):
             raise ValueError(f"name {self.name!r} must be 1-63 letters, digits, '_', '.', ':' or '-'")
         return self
+
+
+def check_header_name(name: str) -> str:
+    """Raise ValueError unless `name` is an HTTP field name (an RFC 9110 token)."""
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"header name {name!r} is not a valid HTTP field name (letters, digits, -, _ ...)")
+    return name
+
+
+def check_header_value(name: str, value: str) -> str:
+    """Raise ValueError if `value` holds a control character (CR, LF, NUL ...) or is not Latin-1."""
+    bad = next((c for c in value if (c < " " and c != "\t") or c == "\x7f"), None)
+    if bad is not None:
+        raise ValueError(
+            f"header {name!r} has a control character {bad!r} in its value "
+            "(a trailing newline in a secret?); remove it"
+        )
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header {name!r} has characters outside Latin-1 in its value") from None
+    return value
 
 
 def expand_env_refs(value: str, env: Mapping[str, str]) -> str:
@@ -138,12 +169,17 @@ class TimeoutSettings(_Frozen):
     # Clients may lower the deadline per request with this header (seconds).
     deadline_header: str = "X-Gateway-Timeout"
 
+    @field_validator("deadline_header")
+    @classmethod
+    def _check_deadline_header(cls, value: str) -> str:
+        return check_header_name(value)
+
 
 class RetrySettings(_Frozen):
     """When and how often a failed attempt is tried again on another upstream."""
 
     max_attempts: int = Field(3, ge=1, le=10)
-    on_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    on_statuses: Annotated[frozenset[int], NoDecode] = frozenset({429, 500, 502, 503, 504})
     # Retries may be at most this share of requests in flight (Envoy's retry budget) ...
     budget_ratio: float = Field(0.2, ge=0, le=1)
     # ... but this many concurrent retries are always allowed.
@@ -154,6 +190,20 @@ class RetrySettings(_Frozen):
     replay_buffer_bytes: int = Field(16 * MIB, ge=0)
     # Cap on all buffered bodies together, so a burst of large prompts cannot exhaust memory.
     total_replay_buffer_bytes: int = Field(256 * MIB, ge=0)
+
+    @field_validator("on_statuses", mode="before")
+    @classmethod
+    def _split_statuses(cls, value: Any) -> Any:
+        # GATEWAY_RETRY__ON_STATUSES=429,503 as well as a JSON list or a YAML list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return orjson.loads(text)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"not valid JSON: {exc}") from None
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("on_statuses")
     @classmethod
@@ -233,6 +283,14 @@ class GatewaySettings(BaseSettings):
     upstream_keepalive_s: float = Field(4.0, ge=0)
     # Largest request line plus header fields the gateway accepts; larger requests get 431.
     max_header_bytes: int = Field(32768, ge=1024)
+    # Largest status line plus header fields accepted from an upstream; larger is a bad response.
+    max_upstream_header_bytes: int = Field(65536, ge=1024)
+    # A client must send its request headers within this long of their first byte (408) ...
+    client_header_timeout_s: float = Field(60.0, gt=0)
+    # ... and may not go silent longer than this while its body is read (408).
+    client_body_timeout_s: float = Field(60.0, gt=0)
+    # Client connections served at once; by default derived from the open-files limit.
+    max_connections: int | None = Field(None, ge=1)
     events_kept: int = Field(200, ge=1)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
     # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
@@ -328,6 +386,10 @@ def load_settings(
         built = _Settings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    except SettingsError as exc:
+        # An environment variable pydantic-settings could not decode (e.g. malformed JSON).
+        reason = " ".join(str(exc.__cause__ or exc).split())
+        raise ConfigError(f"invalid configuration: {exc}: {reason}") from None
     # Return the plain class so the object compares and pickles like any other settings.
     return GatewaySettings.model_construct(**dict(built))
 

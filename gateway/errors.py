@@ -50,3 +50,10 @@ class BadRequest(GatewayError):
 
     status = 400
     error_type = "invalid_request"
+
+
+class ClientTimeout(GatewayError):
+    """The client did not send its request (headers or body) in time."""
+
+    status = 408
+    error_type = "request_timeout"

@@ -69,8 +69,8 @@ class HealthProber:
             await self._session.close()
             self._session = None
 
-    async def check(self, up: Upstream) -> bool:
-        """One check: True for a 2xx answer within the timeout."""
+    async def check(self, up: Upstream) -> tuple[bool, str]:
+        """One check: True for a 2xx answer within the timeout, and what happened, for the log."""
         assert up.health_path is not None and self._session is not None, "start() first"
         url = URL(up.base_url + up.health_path, encoded=True)
         try:
@@ -78,16 +78,27 @@ class HealthProber:
                 url, headers=up.headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 await resp.read()
-                return 200 <= resp.status < 300
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.debug("health check of %s failed: %r", up.name, exc)
-            return False
+                return 200 <= resp.status < 300, f"GET {url} answered {resp.status}"
+        except TimeoutError:
+            return False, f"GET {url} got no answer within {self._settings.timeout_s:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return False, f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
 
     async def _loop(self, up: Upstream) -> None:
         interval = self._settings.interval_s
         jitter = self._settings.jitter_ratio
+        passing = True
         while True:
-            ok = await self.check(up)
+            ok, detail = await self.check(up)
+            if ok != passing:
+                # Once per change, not per check: a dead upstream would otherwise log every interval.
+                if ok:
+                    log.info("health check of %s passes again: %s", up.name, detail)
+                else:
+                    log.warning("health check of %s failed: %s", up.name, detail)
+                passing = ok
+            else:
+                log.debug("health check of %s: %s", up.name, detail)
             self._metrics.per_upstream[up.name].checks[ok].inc()
             self._pool.record_check(up, ok, self._clock())
             # Jitter spreads the checks of many gateway replicas over the interval.

@@ -25,6 +25,7 @@ import orjson
 from gateway.config import GatewaySettings
 from gateway.errors import (
     BadRequest,
+    ClientTimeout,
     DeadlineExceeded,
     GatewayError,
     NoUpstreamAvailable,
@@ -42,7 +43,8 @@ from gateway.http.headers import (
     parse_retry_after,
     upstream_request_fields,
 )
-from gateway.http.server import Request, RequestBody, Responder
+from gateway.http.server import Request, RequestBody, RequestTimeout, Responder
+from gateway.http.target import escapes_prefix
 from gateway.metrics import GatewayMetrics
 from gateway.policy.classify import Outcome, classify_status
 from gateway.policy.retry import GiveUp, GiveUpReason, Retry, RetryPolicy, backoff_s
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
 _SSE = b"text/event-stream"
+# Methods a keep-alive race may resend without taking an attempt (RFC 9110 section 9.2.2).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # A retryable error response is read whole (so its connection is freed while the next attempt
 # waits) when its body is at most this big; inference servers send small JSON errors.
 HELD_ERROR_BODY_BYTES = 64 * 1024
@@ -72,9 +76,10 @@ class _AttemptFailed(Exception):
 class _Body:
     """The request body: bytes that can be replayed, or a stream that can be sent once."""
 
-    data: bytes | AsyncIterator[bytes] | None
+    data: bytes | bytearray | AsyncIterator[bytes | bytearray] | None
     replayable: bool
-    reserved: int = 0
+    reserved: int = 0  # replay memory held for it
+    length: int | None = None  # the declared Content-Length of a streamed body
 
 
 @dataclass(slots=True)
@@ -86,6 +91,7 @@ class _Exchange:
     attempts: int = 0
     tried: list[Upstream] = field(default_factory=list)
     plain_fields: bytes | None = None  # the upstream header block, when no upstream adds its own
+    client_deadline: bool = False  # the deadline is the client's (X-Gateway-Timeout), not ours
 
     @property
     def upstream(self) -> Upstream | None:
@@ -96,21 +102,28 @@ class _Exchange:
 class _Attempt:
     """One attempt's hold on shared state: the upstream's in-flight count, a retry slot, the response.
 
-    Entered as the attempt starts. The retry slot (of every attempt after the first) is held only
-    until the response headers arrive or the attempt fails (`release_slot`). On exit everything
-    still held is given back, in one order for every path: the slot, the response, the count.
+    Entered as the attempt starts; until its response headers arrive (`headers_in`) it also counts
+    as waiting, which bounds the upstream's latency estimate from below. The retry slot (of every
+    attempt after the first) is held only until the headers arrive or the attempt fails
+    (`release_slot`). On exit everything still held is given back, in one order for every path:
+    the slot, the response, the upstream's counts.
     """
 
-    __slots__ = ("_gate", "response", "upstream")
+    __slots__ = ("_gate", "_started", "response", "upstream")
 
-    def __init__(self, upstream: Upstream, gate: RetryGate | None) -> None:
+    def __init__(self, upstream: Upstream, gate: RetryGate | None, now: float) -> None:
         self.upstream = upstream
         self._gate = gate
+        self._started = now
         self.response: UpstreamResponse | None = None
 
     def __enter__(self) -> _Attempt:
-        self.upstream.inflight += 1
+        self.upstream.attempt_started(self, self._started)
         return self
+
+    def headers_in(self) -> None:
+        """The response headers arrived: no longer waiting."""
+        self.upstream.waiting.pop(self, None)
 
     def release_slot(self) -> None:
         """The attempt no longer counts against the retry budget."""
@@ -127,7 +140,7 @@ class _Attempt:
         if response is not None:
             self.response = None
             response.close()
-        self.upstream.inflight -= 1
+        self.upstream.attempt_ended(self)
 
 
 class ReplayBuffers:
@@ -227,10 +240,15 @@ class Proxy:
     async def _serve(
         self, request: Request, fields: RequestFields, responder: Responder, ex: _Exchange
     ) -> int:
-        deadline = self._deadline(fields, ex.started)
-        body = await self._read_body(request, fields)
+        if escapes_prefix(request.target):
+            raise BadRequest("the request path has '..' segments; send a normalised path")
+        deadline = self._deadline(fields, ex)
+        body = _Body(None, True)
         try:
+            await self._read_body(request, fields, body)
             return await self._attempts(request, fields, responder, ex, body, deadline)
+        except RequestTimeout as exc:
+            raise ClientTimeout(str(exc)) from None
         finally:
             if body.reserved:
                 self._buffers.release(body.reserved)
@@ -256,7 +274,7 @@ class Proxy:
                 self._metrics.panic.inc()
             # Every attempt after the first runs on a retry slot taken by _admit_retry.
             gate = self._retry_gate if ex.attempts > 0 else None
-            with _Attempt(up, gate) as attempt:
+            with _Attempt(up, gate, self._clock()) as attempt:
                 failure = await self._try(attempt, request, fields, ex, body, deadline)
                 resp = attempt.response
                 if resp is not None:
@@ -298,7 +316,8 @@ class Proxy:
                 delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
                 if delay:
                     await asyncio.sleep(delay)
-            attempt.response = await self._send(request, up, block, body, fields.content_length, deadline)
+            attempt.response = await self._send(request, up, block, body, ex, deadline)
+            attempt.headers_in()
         except _AttemptFailed as failed:
             return failed
         finally:
@@ -361,13 +380,7 @@ class Proxy:
         return choice
 
     async def _send(
-        self,
-        request: Request,
-        up: Upstream,
-        block: bytes,
-        body: _Body,
-        length: int | None,
-        deadline: float | None,
+        self, request: Request, up: Upstream, block: bytes, body: _Body, ex: _Exchange, deadline: float | None
     ) -> UpstreamResponse:
         """One attempt up to response headers; records its outcome in pool and metrics."""
         timeout_s = self._attempt_timeout_s
@@ -377,24 +390,43 @@ class Proxy:
             timeout_s = deadline - started
             deadline_bound = True
         um = self._metrics.per_upstream[up.name]
+        # The keep-alive race resend runs the request again: for a non-idempotent one it takes
+        # an attempt, so a POST is never sent more than retry.max_attempts times.
+        idempotent = request.method in _IDEMPOTENT
         try:
             resp = await self._clients[up.index].request(
                 request.method,
                 request.target,
                 block,
                 body.data,
-                length=length,
+                length=body.length,
                 timeout_s=timeout_s,
                 idle_s=self._idle_s,
+                resend=idempotent or ex.attempts < self._policy.max_attempts,
             )
         except UpstreamError as exc:
-            outcome = _outcome_of(exc)
+            if exc.resent and not idempotent:
+                ex.attempts += 1
             now = self._clock()
-            self._pool.record(up, outcome, now, now - started)
-            um.outcomes[outcome].inc()
+            outcome = _outcome_of(exc)
             hit = deadline_bound and outcome is Outcome.TIMEOUT
+            if hit and ex.client_deadline:
+                # The client's own deadline says nothing about the upstream: not a failure, no
+                # ejection, no latency sample.
+                outcome = Outcome.ABANDONED
+            else:
+                self._pool.record(up, outcome, now, now - started)
+            um.outcomes[outcome].inc()
             detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise _AttemptFailed(outcome, detail, hit) from None
+        except asyncio.CancelledError:
+            # The client left while waiting: the upstream took at least this long.
+            now = self._clock()
+            self._pool.record_abandoned(up, now - started, now)
+            um.outcomes[Outcome.ABANDONED].inc()
+            raise
+        if resp.resent and not idempotent:
+            ex.attempts += 1
         now = self._clock()
         ttfb = now - started
         outcome = classify_status(resp.status)
@@ -495,36 +527,42 @@ class Proxy:
         # body is truncated; a clean end would pass a partial body off as complete.
         responder.abort()
 
-    async def _read_body(self, request: Request, fields: RequestFields) -> _Body:
-        """Buffer a body up to the replay limit so it can be retried; stream larger ones once."""
+    async def _read_body(self, request: Request, fields: RequestFields, body: _Body) -> None:
+        """Buffer a body up to the replay limit so it can be retried; stream larger ones once.
+
+        Replay memory is reserved as bytes arrive, so the shared cap counts only what is held
+        and a slow upload holds no more of it than it has sent. A body that passes the limit,
+        or finds the cap full, is streamed once instead.
+        """
         length = fields.content_length
         if length is None and not fields.chunked:
-            return _Body(None, True)
+            return
         stream = request.body
         limit = self._replay_limit
-        if length is not None:
-            if length > limit or not self._buffers.reserve(length):
-                return _Body(_rest(stream), False)
-            data = await stream.read_all()
-            if len(data) != length:
-                self._buffers.release(length)
-                raise BadRequest("request body ended before its Content-Length")
-            return _Body(data, True, length)
-        # Chunked upload of unknown size: buffer until it ends or passes the limit.
-        if not self._buffers.reserve(limit):
-            return _Body(_rest(stream), False)
-        chunks: list[bytes] = []
-        size = 0
+        body.length = length
+        if length is not None and length > limit:
+            body.data, body.replayable = _rest(stream), False
+            return
+        buffers = self._buffers
+        data: bytes | bytearray = b""
         while chunk := await stream.read():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                self._buffers.release(limit)
-                return _Body(_rest(stream, chunks), False)
-        self._buffers.release(limit - size)
-        return _Body(b"".join(chunks), True, size)
+            size = len(data) + len(chunk)
+            if size > limit or not buffers.reserve(len(chunk)):
+                body.data, body.replayable = _rest(stream, (data, chunk)), False
+                return
+            body.reserved += len(chunk)
+            if not data:
+                data = chunk  # most bodies arrive in one read: no copy
+            else:
+                if isinstance(data, bytes):
+                    data = bytearray(data)
+                data += chunk
+        if length is not None and len(data) != length:
+            raise BadRequest("request body ended before its Content-Length")
+        body.data = data
 
-    def _deadline(self, fields: RequestFields, started: float) -> float | None:
+    def _deadline(self, fields: RequestFields, ex: _Exchange) -> float | None:
+        """When a response must have started by; notes in `ex` whether the client's header set it."""
         budget = self._deadline_s
         raw = fields.get(self._deadline_key)
         if raw is not None:
@@ -537,8 +575,10 @@ class Proxy:
                 raise BadRequest(
                     f"{self._deadline_header} must be a positive number of seconds, got {shown!r}"
                 )
-            budget = asked if budget is None else min(budget, asked)
-        return None if budget is None else started + budget
+            if budget is None or asked < budget:
+                budget = asked
+                ex.client_deadline = True
+        return None if budget is None else ex.started + budget
 
     def _send_error(self, responder: Responder, err: GatewayError, ex: _Exchange) -> None:
         request_id = ex.request_id.decode("latin-1")
@@ -576,9 +616,12 @@ class Proxy:
         )
 
 
-async def _rest(body: RequestBody, head: list[bytes] | None = None) -> AsyncIterator[bytes]:
+async def _rest(
+    body: RequestBody, head: Sequence[bytes | bytearray] = ()
+) -> AsyncIterator[bytes | bytearray]:
     """The buffered start of a body (if any) followed by the rest still on the socket."""
-    for chunk in head or ():
-        yield chunk
+    for chunk in head:
+        if chunk:
+            yield chunk
     while chunk := await body.read():
         yield chunk

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Collection
@@ -27,6 +28,33 @@ from gateway.http.server import HttpServer
 log = logging.getLogger("gateway")
 
 GC_GEN0_THRESHOLD = 20_000
+# File descriptors kept back from client connections: listening sockets, the admin port and its
+# clients, health checks, logs. The rest is split between client connections and the upstream
+# connection each may hold.
+FD_RESERVE = 100
+MIN_CONNECTIONS = 16
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise the soft open-files limit to the hard one (as nginx's worker_rlimit_nofile); the new soft."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def default_max_connections(open_files: int | None) -> int | None:
+    """Client connections that fit in `open_files` descriptors with room for upstreams and admin."""
+    if open_files is None:
+        return None
+    return max(MIN_CONNECTIONS, (open_files - FD_RESERVE) // 2)
 
 
 def configure_logging(level: str, *, worker: int | None = None) -> None:
@@ -56,7 +84,6 @@ async def serve(
     in `drained` are drained before the first request (a replaced worker keeps earlier drains).
     """
     gateway = build_gateway(settings)
-    await gateway.start()
     for name in drained:
         if name in gateway.pool.by_name:
             gateway.pool.drain(gateway.pool.by_name[name], gateway.clock())
@@ -64,9 +91,14 @@ async def serve(
     await admin_runner.setup()
     server: HttpServer | None = None
     try:
-        server = await start_proxy_server(gateway, reuse_port=reuse_port)
+        open_files = raise_open_files_limit()
+        server = await start_proxy_server(
+            gateway, reuse_port=reuse_port, max_connections=default_max_connections(open_files)
+        )
         # The admin site starts after the proxy listens, so an answering admin means serving.
         admin_port = await _start_admin_site(admin_runner, settings, admin_socket)
+        # Health checks start once both ports are ours: a port in use fails before any check.
+        await gateway.start()
         port = server.port
         if admin_socket is None:
             log.info(

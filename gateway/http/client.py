@@ -8,8 +8,8 @@ for a proxy kept here in one place:
 
 - Keep-alive reuse, newest connection first; idle ones expire after `keepalive_s`.
 - A request that finds its reused connection already closed by the server (the keep-alive race)
-  is sent again once on a new connection, if no response byte had arrived; it is not an
-  upstream failure.
+  is sent again once on a new connection, if no response byte had arrived and the close came
+  within RESEND_WINDOW_S of writing it; it is not an upstream failure.
 - One timer per attempt: until response headers it enforces the attempt deadline; on a
   streamed body it becomes the idle watchdog.
 - Backpressure: a response body buffered faster than the client reads pauses the upstream socket.
@@ -30,9 +30,22 @@ from yarl import URL
 from gateway.http.flow import BodyBuffer, FlowControl
 
 Phase = Literal["connect", "send", "receive"]
+# A request body: bytes (sent at once, can be sent again) or a stream (sent once).
+Body = bytes | bytearray | AsyncIterator[bytes | bytearray] | None
+# Bodies up to this size go out in the same write as the request head.
+_JOIN_BODY_BYTES = 64 * 1024
 
 # Stands in for the parser of a closed connection (never fed).
 _DETACHED_PARSER = httptools.HttpResponseParser(object())
+# A reused connection that the upstream closes this soon after the request was written, before
+# any byte of a response, is taken as the keep-alive race (the upstream closed it as idle just as
+# we reused it) and the request is sent again once on a new connection. Later than this, the
+# upstream may have started on the request, so it counts as a failed attempt instead.
+RESEND_WINDOW_S = 0.2
+
+
+class _HeadTooLarge(Exception):
+    pass
 
 
 class UpstreamError(Exception):
@@ -43,6 +56,8 @@ class UpstreamError(Exception):
     """
 
     phase: ClassVar[Phase]
+    # True when the request was sent a second time after the keep-alive race (see RESEND_WINDOW_S).
+    resent = False
 
 
 class ConnectError(UpstreamError):
@@ -82,7 +97,7 @@ class BadResponse(ReceiveError):
 class UpstreamResponse(BodyBuffer):
     """Status, header fields and body stream of one upstream response."""
 
-    __slots__ = ("fields", "last_data_at", "reason", "status")
+    __slots__ = ("fields", "last_data_at", "reason", "resent", "status")
 
     def __init__(
         self, conn: _Connection, status: int, reason: bytes, fields: list[tuple[bytes, bytes]]
@@ -92,6 +107,7 @@ class UpstreamResponse(BodyBuffer):
         self.reason = reason
         self.fields = fields
         self.last_data_at = 0.0
+        self.resent = False  # sent a second time after the keep-alive race
 
     @property
     def complete(self) -> bool:
@@ -123,10 +139,15 @@ class _Connection(FlowControl):
         self._is_head = False
         self._close_delimited = False
         self._sent = False
+        self.sent_at = 0.0
         self.got_bytes = False
         self._server_keeps_alive = True
         self._reason = b""
         self._fields: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._max_head_bytes = client.max_header_bytes
+        self.sent_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._watching_body = False
         self._idle_s = 0.0
@@ -145,13 +166,28 @@ class _Connection(FlowControl):
         if self._headers_waiter is None and self._response is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted any more
             return
+        in_head = self._in_head
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(BadResponse(str(exc.__context__ or exc)))
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"invalid HTTP response from upstream: {exc}"))
             self.close()  # the parser stays in its error state: this connection is done
         except httptools.HttpParserUpgrade:
             self.close()  # after a 101 (failed above) the bytes are not HTTP/1.1 any more
+        else:
+            if in_head and self._in_head:
+                # A whole read inside the head: counted, since the parser holds a partial field
+                # until it ends and reports nothing meanwhile.
+                self._count_head(len(data))
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._max_head_bytes:
+            self._fail(BadResponse(f"upstream response headers exceed {self._max_head_bytes} bytes"))
+            self.close()
 
     def eof_received(self) -> bool:
         return False
@@ -174,12 +210,23 @@ class _Connection(FlowControl):
             # More bytes in the same read as a finished response, nobody asked for them: they
             # would be taken as (part of) the answer to the next request on this connection.
             self.close()
+        self._fields = []
+        self._reason = b""
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head_bytes:
+            raise _HeadTooLarge(f"upstream response headers exceed {self._max_head_bytes} bytes")
+        if self._in_head:
+            self._fields.append((name, value))
+        # else a trailer field after a chunked body: dropped (as nginx does), so it can never
+        # become a header of this response or of the next one on this connection.
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -188,6 +235,7 @@ class _Connection(FlowControl):
         reason = self._reason
         self._fields = []
         self._reason = b""
+        self._in_head = False
         if 100 <= status < 200:
             if status == 101:
                 # Upgrade is hop-by-hop and never sent upstream, so switching protocols is a broken answer.
@@ -228,7 +276,7 @@ class _Connection(FlowControl):
     async def exchange(
         self,
         head: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
+        body: Body,
         chunked: bool,
         is_head: bool,
         deadline: float,
@@ -239,6 +287,7 @@ class _Connection(FlowControl):
         assert transport is not None
         self._is_head = is_head
         self._sent = False
+        self.sent_at = 0.0
         self.got_bytes = False
         self._close_delimited = False
         self._server_keeps_alive = True
@@ -248,8 +297,14 @@ class _Connection(FlowControl):
         self._headers_waiter = waiter
         self._timer = self.loop.call_at(deadline, self._on_timer)
         try:
-            if body is None or isinstance(body, bytes):
-                transport.write(head + body if body else head)
+            if body is None or isinstance(body, (bytes, bytearray)):
+                if not body:
+                    transport.write(head)
+                elif len(body) <= _JOIN_BODY_BYTES:
+                    transport.write(head + body)  # one write, one segment
+                else:
+                    transport.write(head)  # no copy of a large body just to prepend the head
+                    transport.write(body)
             else:
                 transport.write(head)
                 try:
@@ -260,6 +315,7 @@ class _Connection(FlowControl):
                         raise waiter.exception() from None  # type: ignore[misc]
                     raise
             self._sent = True
+            self.sent_at = self.loop.time()
             return await waiter
         except BaseException:
             # Errors of a streamed body's source (the client leaving) pass through unchanged.
@@ -267,14 +323,21 @@ class _Connection(FlowControl):
             self.finish_exchange(reusable=False)
             raise
 
-    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def _send_stream(self, body: AsyncIterator[bytes | bytearray], chunked: bool) -> None:
         async for chunk in body:
             transport = self.transport
             if self.closed or transport is None:
                 raise self.connection_error()
             if not chunk:
                 continue
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if not chunked:
+                transport.write(chunk)
+            elif len(chunk) <= _JOIN_BODY_BYTES:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), bytes(chunk)))
+            else:
+                transport.write(b"%x\r\n" % len(chunk))
+                transport.write(chunk)
+                transport.write(b"\r\n")
             if self.write_paused:
                 await self.drain()
         if chunked:
@@ -346,7 +409,10 @@ def _close_delimited(status: int, fields: list[tuple[bytes, bytes]]) -> bool:
 class UpstreamClient:
     """Connections to one upstream base URL, reused with keep-alive."""
 
-    def __init__(self, base_url: str, *, connect_timeout_s: float, keepalive_s: float) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout_s: float, keepalive_s: float, max_header_bytes: int = 65536
+    ) -> None:
+        self.max_header_bytes = max_header_bytes
         url = URL(base_url)
         assert url.host is not None and url.port is not None
         self._host = url.host
@@ -371,17 +437,20 @@ class UpstreamClient:
         method: bytes,
         target: bytes,
         fields: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
+        body: Body,
         *,
         length: int | None,
         timeout_s: float,
         idle_s: float,
+        resend: bool = True,
     ) -> UpstreamResponse:
         """Send a request; return once its response headers are in, within `timeout_s`.
 
         `fields` is the header block without Host and framing; `length` is the body's size,
         or None to send a streamed body chunked. Once the headers are in, a body that stays
-        silent for `idle_s` fails with ReceiveTimeout. Raises UpstreamError.
+        silent for `idle_s` fails with ReceiveTimeout. With `resend`, a request that meets the
+        keep-alive race is sent once more on a new connection (`resent` on the response or the
+        error says so). Raises UpstreamError.
         """
         if timeout_s <= 0:
             raise ConnectTimeout("no time left for the attempt")
@@ -390,7 +459,7 @@ class UpstreamClient:
         framing = b""
         chunked = False
         if body is not None:
-            if isinstance(body, bytes):
+            if isinstance(body, (bytes, bytearray)):
                 framing = b"Content-Length: %d\r\n" % len(body)
             elif length is not None:
                 framing = b"Content-Length: %d\r\n" % length
@@ -403,19 +472,24 @@ class UpstreamClient:
             (method, b" ", self._prefix, target, b" HTTP/1.1\r\n", self._host_line, fields, framing, b"\r\n")
         )
         is_head = method == b"HEAD"
-        while True:
-            conn, reused = await self._acquire(loop, deadline)
+        conn, reused = await self._acquire(loop, deadline)
+        try:
+            response = await conn.exchange(head, body, chunked, is_head, deadline, idle_s)
+        except (SendError, ReceiveError) as exc:
+            # A kept-alive connection the server closed just as we reused it: send again, once,
+            # on a new one. Only a bytes body can be sent twice, and only if nothing came back.
+            if not (resend and reused and _keepalive_race(exc, conn) and not isinstance(body, AsyncIterator)):
+                raise
+            conn = await self._connect(loop, deadline - loop.time())
             try:
                 response = await conn.exchange(head, body, chunked, is_head, deadline, idle_s)
-            except (SendError, ReceiveError) as exc:
-                # A kept-alive connection the server closed just as we reused it: send again on
-                # a fresh one. Only bytes bodies can be sent twice, and only if nothing came back.
-                if reused and _closed_early(exc, conn) and not isinstance(body, AsyncIterator):
-                    continue
+            except UpstreamError as again:
+                again.resent = True
                 raise
-            if not response.complete:
-                conn.watch_body()
-            return response
+            response.resent = True
+        if not response.complete:
+            conn.watch_body()
+        return response
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> tuple[_Connection, bool]:
         now = loop.time()
@@ -474,6 +548,8 @@ class UpstreamClient:
         self._idle.clear()
 
 
-def _closed_early(exc: UpstreamError, conn: _Connection) -> bool:
-    """The upstream closed the connection without sending a byte (not a timeout or bad bytes)."""
-    return not conn.got_bytes and not isinstance(exc, (TimeoutError, BadResponse))
+def _keepalive_race(exc: UpstreamError, conn: _Connection) -> bool:
+    """The upstream closed the connection without a byte of response, just after the request."""
+    if conn.got_bytes or isinstance(exc, (TimeoutError, BadResponse)):
+        return False
+    return not conn.sent_at or conn.loop.time() - conn.sent_at <= RESEND_WINDOW_S

@@ -60,6 +60,9 @@ _RESPONSE_KINDS: dict[bytes, int] = {
 }
 
 
+_NOT_REMOVABLE = frozenset({b"close", b"keep-alive", b"content-length", b"transfer-encoding"})
+
+
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
@@ -115,7 +118,9 @@ class RequestFieldReader:
             elif kind == _CONNECTION:
                 connection = [value] if connection is None else [*connection, value]
         if connection is not None:
-            listed = _connection_tokens(connection) - {b"close", b"keep-alive"}
+            # Framing is never removable: dropping Content-Length because Connection names it
+            # would silently drop the body.
+            listed = _connection_tokens(connection) - _NOT_REMOVABLE
             if listed:
                 out.forward = [f for f in forward if f[0] not in listed]
                 for name in listed & captured.keys():

@@ -8,8 +8,16 @@ proxy needs, with backpressure both ways: a client sending faster than the upstr
 paused (pause_reading), and a client reading slower than the upstream sends pauses the relay
 (`Responder.write` waits for the socket to drain).
 
-One request runs at a time per connection; pipelined requests queue behind it. A client that
-disconnects cancels its request's task, so the upstream stops generating for nobody.
+One request runs at a time per connection; one pipelined request may queue behind it, with
+reading paused while it waits (a further one in the same read closes the connection once the
+queued one is answered). A client that disconnects cancels its request's task, so the upstream
+stops generating for nobody.
+
+Limits against clients that are slow or hostile: the request line and header fields (complete
+or still arriving) within `max_header_bytes` (431), headers complete within `header_timeout_s`
+of their first byte (408), a body that never goes silent longer than `body_timeout_s` while
+the gateway is reading it, request trailers dropped, and at most `max_connections` client
+connections, the oldest idle keep-alive one closed to make room for a new one.
 """
 
 from __future__ import annotations
@@ -30,8 +38,14 @@ log = logging.getLogger(__name__)
 
 # Idle keep-alive connections are closed after this long (as aiohttp's server does).
 KEEPALIVE_S = 75.0
-# How often idle keep-alive connections are looked for.
+# How often idle keep-alive connections and slow clients are looked for.
 SWEEP_INTERVAL_S = 5.0
+MIN_SWEEP_INTERVAL_S = 0.02
+# Longest a closing connection reads and discards what the client still sends (see _linger_close).
+LINGER_S = 2.0
+# nginx's client_header_timeout and client_body_timeout.
+HEADER_TIMEOUT_S = 60.0
+BODY_TIMEOUT_S = 60.0
 
 _STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
 _CRLF = b"\r\n"
@@ -185,6 +199,14 @@ class _HeaderTooLarge(Exception):
     pass
 
 
+class _PipelineFull(Exception):
+    """A request began while another was already queued behind the one being answered."""
+
+
+class RequestTimeout(Exception):
+    """The client did not send its request (headers or body) in time."""
+
+
 # Stands in for the parser of a closed connection (never fed).
 _DETACHED_PARSER = httptools.HttpRequestParser(object())
 
@@ -203,11 +225,17 @@ class HttpProtocol(FlowControl):
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        # While a request head is being read: when it began, and the bytes seen of it so far
+        # (-1: it began in the read being parsed, whose share of it is unknown).
+        self._head_started_at: float | None = None
+        self._head_raw = 0
         self._parsing: Request | None = None
         # The request being answered, and any pipelined behind it.
         self._task: asyncio.Task[None] | None = None
         self._current: Request | None = None
         self._queue: deque[Request] = deque()
+        self._no_more_requests = False
+        self._lingering = False
         self.last_active = loop.time()
 
     @property
@@ -230,10 +258,12 @@ class HttpProtocol(FlowControl):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
+        self._server.admit(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
+        if self._no_more_requests:
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -247,11 +277,32 @@ class HttpProtocol(FlowControl):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeaderTooLarge):
                 self._reject(431, "request_header_too_large", str(exc.__context__))
+            elif isinstance(exc.__context__, _PipelineFull):
+                self._stop_reading_requests()
             else:
                 log.error("failed parsing a request", exc_info=exc.__context__)
                 self._reject(500, "internal", "internal error")
         except httptools.HttpParserError as exc:
             self._reject(400, "invalid_request", f"malformed HTTP request: {exc}")
+        else:
+            self._count_partial_head(len(data))
+
+    def _count_partial_head(self, size: int) -> None:
+        # The parser reports a header field only once it is complete, and holds the partial one
+        # meanwhile: count whole reads that fall inside one head, so a field that never ends
+        # cannot grow without bound (the limit holds to within one read).
+        if self._head_started_at is None:
+            return
+        if self._head_raw < 0:
+            self._head_raw = 0
+            return
+        self._head_raw += size
+        if self._head_raw > self._max_header_bytes:
+            self._reject(
+                431,
+                "request_header_too_large",
+                f"request line and headers exceed {self._max_header_bytes} bytes",
+            )
 
     def eof_received(self) -> bool:
         # A FIN from the client is taken as the client leaving, as nginx does: a half-closed
@@ -278,9 +329,13 @@ class HttpProtocol(FlowControl):
     # --- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._queue:
+            raise _PipelineFull
         self._url = b""
         self._fields = []
         self._header_bytes = 0
+        self._head_started_at = self.last_active
+        self._head_raw = -1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -289,12 +344,15 @@ class HttpProtocol(FlowControl):
             raise _HeaderTooLarge(f"request line and headers exceed {self._max_header_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
+        if self._head_started_at is not None:
+            self._fields.append((name, value))
+        # else a trailer field after a chunked body: dropped, never forwarded as a header.
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._max_header_bytes:
             raise _HeaderTooLarge(f"request line and headers exceed {self._max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
+        self._head_started_at = None
         parser = self._parser
         target = self._url
         if not target.startswith(b"/"):
@@ -359,22 +417,74 @@ class HttpProtocol(FlowControl):
             return
         # A body the handler did not read would be parsed as the next request: close instead.
         if not request.keep_alive or not request.body.at_eof or self.draining:
-            self.close()
+            self._linger_close()
             return
         if self._queue:
             self._begin(self._queue.popleft())
         self.resume_reading()
 
+    def refuse(self, status: int, error_type: str, message: str) -> None:
+        """Answer a connection the server will not serve, then close it."""
+        self._no_more_requests = True
+        self._reject(status, error_type, message)
+
     def _reject(self, status: int, error_type: str, message: str) -> None:
         """Answer a request that could not be parsed, then close."""
         self._parser = httptools.HttpRequestParser(self)  # the old one is in an error state
-        if self._current is None and not self.closed:
+        if self._current is not None:
+            # The handler owns the response being written: nothing can be answered, so the
+            # connection goes at once (which also stops the handler).
+            self.close()
+            return
+        if not self.closed:
             body = _error_body(error_type, message)
             head = status_line(status) + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(
                 body
             )
             self.write(head + b"Connection: close\r\n\r\n" + body)
-        self.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after the answer, without losing it to a reset.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        response still on its way to the client (an error answer to a large upload, the last
+        answer before unparsed pipelined requests). So shut down the sending side, read and
+        discard what the client still sends, and close at its EOF or after LINGER_S (as nginx's
+        lingering close does).
+        """
+        transport = self.transport
+        if transport is None or self.closed or self._lingering:
+            return
+        self._lingering = True
+        self._no_more_requests = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        FlowControl.resume_reading(self)
+        self.loop.call_later(LINGER_S, self.close)
+
+    def _stop_reading_requests(self) -> None:
+        """Too many pipelined requests: answer those already read, then close."""
+        self._no_more_requests = True
+        self._parser = httptools.HttpRequestParser(self)  # the old one is in an error state
+        self._head_started_at = None
+        if self._queue:
+            self._queue[-1].keep_alive = False
+        self.pause_reading()
+
+    def check_timeouts(self, now: float, header_timeout_s: float, body_timeout_s: float) -> None:
+        """Enforce the header and body timeouts (called by the server's periodic sweep)."""
+        if self._head_started_at is not None and now - self._head_started_at > header_timeout_s:
+            self._reject(
+                408, "request_timeout", f"request headers not received within {header_timeout_s:g} s"
+            )
+            return
+        parsing = self._parsing
+        if parsing is not None and not self._reading_paused and now - self.last_active > body_timeout_s:
+            # The handler answers 408 if it has not started; the unread body then closes the connection.
+            parsing.body.fail(RequestTimeout(f"request body silent for more than {body_timeout_s:g} s"))
+            self._parsing = None
+            self.pause_reading()
 
     # --- transport helpers -----------------------------------------------------------------
 
@@ -386,7 +496,9 @@ class HttpProtocol(FlowControl):
 
     def resume_reading(self) -> None:
         # A queued pipelined request keeps the socket paused until it is the one being answered.
-        if not self._queue:
+        if not self._queue and not self._no_more_requests:
+            if self._reading_paused:
+                self.last_active = self.loop.time()  # a pause is not the client being slow
             super().resume_reading()
 
 
@@ -416,12 +528,25 @@ class HttpServer:
         *,
         max_header_bytes: int,
         keepalive_s: float = KEEPALIVE_S,
-        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        sweep_interval_s: float | None = None,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.keepalive_s = keepalive_s
-        self.sweep_interval_s = sweep_interval_s
+        # Timeouts are enforced by a periodic sweep: often enough that each holds to about a
+        # quarter of itself, and no more often than that.
+        self.sweep_interval_s = sweep_interval_s or max(
+            MIN_SWEEP_INTERVAL_S,
+            min(SWEEP_INTERVAL_S, keepalive_s / 4, header_timeout_s / 4, body_timeout_s / 4),
+        )
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
+        self.refused_connections = 0
+        self.evicted_connections = 0
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -441,11 +566,29 @@ class HttpServer:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
+    def admit(self, conn: HttpProtocol) -> None:
+        """A client connected: over max_connections, the oldest idle one makes room, else it is refused."""
+        connections = self.connections
+        connections.add(conn)
+        limit = self.max_connections
+        if limit is None or len(connections) <= limit:
+            return
+        idle = [c for c in connections if c.idle and c is not conn and not c.closed]
+        if idle:
+            min(idle, key=lambda c: c.last_active).close()
+            self.evicted_connections += 1
+            return
+        self.refused_connections += 1
+        conn.refuse(503, "too_many_connections", f"the gateway serves at most {limit} client connections")
+
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        cutoff = loop.time() - self.keepalive_s
+        now = loop.time()
+        cutoff = now - self.keepalive_s
         for conn in list(self.connections):
             if conn.idle and conn.last_active < cutoff:
                 conn.close()
+            else:
+                conn.check_timeouts(now, self.header_timeout_s, self.body_timeout_s)
         self._sweeper = loop.call_later(self.sweep_interval_s, self._sweep, loop)
 
     async def shutdown(self, grace_s: float) -> None:

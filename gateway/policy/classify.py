@@ -2,7 +2,8 @@
 
 Rules: 2xx/3xx succeed; 429 is a rate limit (the upstream is alive, only busy); other 4xx are the
 caller's fault and say nothing bad about the upstream; 5xx, connect errors, timeouts and resets
-are failures that count toward ejection.
+are failures that count toward ejection. An attempt the client ended (it left, or its own
+deadline passed) is abandoned: it says nothing about the upstream either.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Outcome(StrEnum):
     CONNECT_ERROR = "connect_error"
     TIMEOUT = "timeout"
     RESET = "reset"
+    ABANDONED = "abandoned"  # the client left or its own deadline passed first
 
 
 # Failures count toward passive ejection; a 429 or a client error does not.

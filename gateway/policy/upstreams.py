@@ -27,6 +27,8 @@ from gateway.policy.ewma import PeakEwma
 from gateway.policy.outlier import State, Transition, UpstreamHealth
 
 FAILURE_PENALTY_S = 1.0
+# Longest Retry-After the gateway suggests for a wait that is not a rate-limit cooldown.
+RETRY_AFTER_CAP_S = 2.0
 _NO_TIER = 1 << 62
 
 
@@ -45,6 +47,7 @@ class Upstream:
         "name",
         "priority",
         "rr_current",
+        "waiting",
         "weight",
     )
 
@@ -60,6 +63,8 @@ class Upstream:
         self.health = UpstreamHealth(settings.outlier, settings.health)
         self.ewma = PeakEwma(settings.ewma_decay_s, settings.ewma_default_s, now)
         self.inflight = 0
+        # Attempts sent here still waiting for response headers, with their start times (oldest first).
+        self.waiting: dict[object, float] = {}
         self.rr_current = 0.0
 
     @property
@@ -71,6 +76,22 @@ class Upstream:
     def measured(self) -> bool:
         """False until the first latency sample after start or recovery."""
         return self.ewma.measured
+
+    def attempt_started(self, attempt: object, now: float) -> None:
+        """An attempt was sent here: in flight, and waiting for its headers."""
+        self.inflight += 1
+        self.waiting[attempt] = now
+
+    def attempt_ended(self, attempt: object) -> None:
+        """An attempt here is over (answered, failed or abandoned)."""
+        self.waiting.pop(attempt, None)
+        self.inflight -= 1
+
+    def oldest_wait_s(self, now: float) -> float:
+        """How long the oldest attempt still waiting for headers has waited (0 if none)."""
+        for started in self.waiting.values():
+            return now - started
+        return 0.0
 
     @property
     def has_capacity(self) -> bool:
@@ -114,7 +135,7 @@ class Pool:
         if cands:
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
-                    u.ewma.decay(now)
+                    u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
             return Choice(pick(self.strategy, cands, rng), False)
         if healthy:
             return None  # all healthy ones are full: shed load rather than panic
@@ -171,6 +192,10 @@ class Pool:
             sample = max(latency_s, FAILURE_PENALTY_S) if is_failure(outcome) else latency_s
             up.ewma.observe(sample, now)
 
+    def record_abandoned(self, up: Upstream, elapsed_s: float, now: float) -> None:
+        """The client gave up on an attempt after `elapsed_s`: the upstream took at least that."""
+        up.ewma.observe_at_least(elapsed_s, now)
+
     def record_check(self, up: Upstream, ok: bool, now: float) -> None:
         """Fold one active health check into the upstream's health."""
         self._notify(up, up.health.record_check(ok, now), now)
@@ -193,11 +218,20 @@ class Pool:
         return sum(1 for u in self.upstreams if u.health.routable(now))
 
     def retry_after_s(self, now: float) -> float | None:
-        """Seconds until some upstream is routable again by itself, if that is known."""
-        soonest = min(u.health.available_at(now) for u in self.upstreams)
-        if soonest == float("inf"):
+        """A Retry-After hint: seconds until some upstream is routable again by itself, if known.
+
+        The full wait only when it is a rate-limit cooldown (the upstream said how long); any
+        other wait (an ejection) is capped at RETRY_AFTER_CAP_S, since clients that honour
+        Retry-After would otherwise stall for the whole ejection while a probe may succeed sooner.
+        """
+        soonest = min(self.upstreams, key=lambda u: u.health.available_at(now))
+        at = soonest.health.available_at(now)
+        if at == float("inf"):
             return None
-        return max(0.0, soonest - now)
+        wait = max(0.0, at - now)
+        if soonest.health.state(now) is State.COOLING_DOWN:
+            return wait
+        return min(wait, RETRY_AFTER_CAP_S)
 
     def describe_unavailable(self, now: float) -> str:
         """Why no upstream could take a request, for the error message."""

@@ -63,5 +63,6 @@ def test_outcome_values_are_stable_metric_labels() -> None:
         "connect_error",
         "timeout",
         "reset",
+        "abandoned",
     }
     assert str(Outcome.RATE_LIMITED) == "rate_limited"

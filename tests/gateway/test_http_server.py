@@ -8,6 +8,7 @@ asyncio streams, so framing, ordering and connection closes are seen exactly as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
@@ -83,12 +84,46 @@ async def test_server_answers_pipelined_requests_in_order(serve: StartServer, op
     server = await serve(handler)
     reader, writer = await open_raw(server.port)
     writer.write(
-        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz"
-        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz"
     )
-    bodies = [(await read_response(reader)).body for _ in range(3)]
-    assert bodies == [b"GET /slow ", b"POST /b xyz", b"GET /c "]
+    first = await read_response(reader)
+    second = await read_response(reader)
+    assert [first.body, second.body] == [b"GET /slow ", b"POST /b xyz"]
+    assert first.header(b"connection") is None and second.header(b"connection") is None
+    writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader)).body == b"GET /c "
+
+
+async def test_server_pipelining_beyond_one_queued_request_closes_after_answering(
+    serve: StartServer, open_raw: OpenRaw
+) -> None:
+    """One request may queue behind the one being answered; a third in the same read is not parsed."""
+
+    async def handler(request: Request, responder: Responder) -> None:
+        await asyncio.sleep(0.05)
+        await echo(request, responder)
+
+    server = await serve(handler)
+    reader, writer = await open_raw(server.port)
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)))
+    first = await read_response(reader)
+    second = await read_response(reader)
+    assert [first.body, second.body] == [b"GET /0 ", b"GET /1 "]
+    assert second.header(b"connection") == b"close"  # the client retries the rest on a new connection
+    await expect_eof(reader)
+
+
+async def test_server_pipelining_flood_stays_bounded(serve: StartServer, open_raw: OpenRaw) -> None:
+    """Thousands of pipelined requests in one burst: two are answered, the rest never parsed."""
+    server = await serve(echo)
+    reader, writer = await open_raw(server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 20_000)
+    answered = 0
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            await read_response(reader)
+            answered += 1
+    assert answered == 2
 
 
 async def test_server_http10_streamed_body_is_close_delimited(serve: StartServer, open_raw: OpenRaw) -> None:
