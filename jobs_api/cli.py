@@ -196,7 +196,8 @@ async def serve(
     """Serve until SIGTERM/SIGINT (or `stop`), then stop accepting and drain for shutdown_grace_s."""
     from aiohttp import web
 
-    from jobs_api.app import STOPPING, create_app
+    from jobs_api.app import create_app
+    from jobs_api.keys import STOPPING
     from jobs_api.store import redacted_url
 
     app = create_app(settings, registry=registry)

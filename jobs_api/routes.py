@@ -22,7 +22,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs_api.app import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.auth import Principal
 from jobs_api.errors import (
     BadRequest,
@@ -32,6 +31,7 @@ from jobs_api.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 

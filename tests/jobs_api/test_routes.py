@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.mock_inference import MOCK_STATS, MockBehaviour, create_mock_app
 from jobs_api import routes
-from jobs_api.app import RUNNER, STORE, create_app
+from jobs_api.app import create_app
+from jobs_api.keys import RUNNER, STORE
 from jobs_api.models import JobStatus
 from jobs_api.store import JobStore
 from jobs_api.store.sqlite import SqliteJobStore
