@@ -17,17 +17,10 @@ from prometheus_client import CollectorRegistry
 from jobs_api.handlers import HandlerRegistry, JobContext, default_registry
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel
-from jobs_api.runner import (
-    AttemptEnd,
-    EndKind,
-    JobRunner,
-    expire_lease,
-    expire_queued,
-    settle,
-)
+from jobs_api.runner import JobRunner
 from jobs_api.store.base import JobStore, LogLevel
 from tests.conftest import AiohttpServer, MockUpstream, StartMock
-from tests.jobs_api.conftest import T0, JobsSettingsFactory, MakeJob, StartJobsGateway
+from tests.jobs_api.conftest import JobsSettingsFactory, MakeJob, StartJobsGateway
 
 # A gateway that forwards each request once and never ejects: every job attempt is one upstream call.
 ONE_SHOT = {"retry": {"max_attempts": 1}, "outlier": {"consecutive_failures": 100}, "strategy": "priority"}
@@ -166,65 +159,6 @@ def start_scripted(aiohttp_server: AiohttpServer, start_jobs_gateway: StartJobsG
         return scripted, await start_jobs_gateway(f"s={url}", **ONE_SHOT)
 
     return start
-
-
-# --- pure decisions ----------------------------------------------------------------------------
-
-
-def running(make_job: MakeJob, **fields: Any) -> Job:
-    values: dict[str, Any] = {
-        "status": JobStatus.RUNNING,
-        "attempts": 1,
-        "worker": "w",
-        "lease_until": T0 + 30,
-    }
-    return make_job(created_at=T0, **{**values, **fields})
-
-
-def test_settle_retry_requeues_after_the_delay(make_job: MakeJob) -> None:
-    after = settle(running(make_job), AttemptEnd(EndKind.RETRY, delay_s=2.5), T0 + 1)
-    assert after.status is JobStatus.QUEUED and after.run_after == T0 + 3.5
-    assert after.worker is None and after.lease_until is None
-    assert after.error is not None and after.error.retryable
-
-
-def test_settle_retry_on_last_attempt_fails(make_job: MakeJob) -> None:
-    after = settle(running(make_job, attempts=3, max_attempts=3), AttemptEnd(EndKind.RETRY), T0 + 1)
-    assert after.status is JobStatus.FAILED
-    assert after.error is not None and "gave up after 3 of 3 attempts" in after.error.message
-
-
-def test_settle_past_deadline_times_out_instead_of_retrying(make_job: MakeJob) -> None:
-    after = settle(running(make_job, timeout_s=10), AttemptEnd(EndKind.RETRY), T0 + 10)
-    assert after.status is JobStatus.TIMED_OUT
-    assert after.error is not None and after.error.type == "timeout"
-
-
-def test_settle_cancel_request_wins_over_retry_but_not_completion(make_job: MakeJob) -> None:
-    job = running(make_job, cancel_requested=True)
-    assert settle(job, AttemptEnd(EndKind.RETRY), T0 + 1).status is JobStatus.CANCELLED
-    assert settle(job, AttemptEnd(EndKind.INTERRUPTED), T0 + 1).status is JobStatus.CANCELLED
-    done = settle(job, AttemptEnd(EndKind.COMPLETED, result=[1]), T0 + 1)
-    assert done.status is JobStatus.COMPLETED and done.result == [1] and done.progress.percent == 100
-
-
-def test_expire_lease_requeues_only_expired_running_jobs(make_job: MakeJob) -> None:
-    job = running(make_job, lease_until=T0 + 5)
-    assert expire_lease(job, T0 + 5) is job
-    after = expire_lease(job, T0 + 6)
-    assert after.status is JobStatus.QUEUED and after.run_after == T0 + 6
-    assert after.error is not None and after.error.type == "worker_lost"
-    assert expire_lease(running(make_job, lease_until=T0, attempts=5, max_attempts=5), T0 + 6).status is (
-        JobStatus.FAILED
-    )
-    queued = make_job()
-    assert expire_lease(queued, T0 + 100) is queued
-
-
-def test_expire_queued_times_out_only_past_deadline(make_job: MakeJob) -> None:
-    job = make_job(created_at=T0, timeout_s=10)
-    assert expire_queued(job, T0 + 9) is job
-    assert expire_queued(job, T0 + 10).status is JobStatus.TIMED_OUT
 
 
 # --- end to end --------------------------------------------------------------------------------
