@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from jobs_api.auth import Authenticator
 from jobs_api.config import JobsSettings
-from jobs_api.handlers import HandlerRegistry, default_registry
+from jobs_api.handlers import HandlerRegistry
+from jobs_api.job_types import default_registry
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.metrics import JobsMetrics
 from jobs_api.routes import add_routes, auth_middleware, error_middleware

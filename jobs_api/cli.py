@@ -159,7 +159,7 @@ def load_settings(args: argparse.Namespace) -> JobsSettings:
 def check_settings(settings: JobsSettings) -> HandlerRegistry:
     """Fail fast on what pydantic cannot check: store URL, credentials, handler modules."""
     from jobs_api.auth import Authenticator
-    from jobs_api.handlers import default_registry
+    from jobs_api.job_types import default_registry
     from jobs_api.store import open_store
 
     try:

@@ -21,9 +21,9 @@ from jobs_api.handlers import (
     PermanentError,
     RetryableError,
     backoff_s,
-    default_registry,
     excerpt,
 )
+from jobs_api.job_types import default_registry
 from jobs_api.models import JobStatus, Progress
 from jobs_api.store.base import JobStore, LogLevel
 from tests.conftest import MockUpstream, StartMock

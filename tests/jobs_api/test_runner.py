@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from jobs_api.handlers import HandlerRegistry, JobContext, default_registry
+from jobs_api.handlers import HandlerRegistry, JobContext
+from jobs_api.job_types import default_registry
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel
 from jobs_api.runner import JobRunner
