@@ -1,10 +1,10 @@
 """The job store contract: a few atomic verbs that every backend implements the same way.
 
-State changes are pure functions of a Job (models.transition) applied by `mutate`, which a
-backend runs atomically (read, apply, write, record events, commit) before anyone is told. Each
-committed change appends events with store-wide increasing ids, which `/events` streams and
-`Last-Event-ID` resumes from. The backends share the event bookkeeping (`event_for`,
-`EventHub`) and `redacted_url` from here.
+Changes are pure functions of a Job (status changes through models.transition) applied by
+`mutate` (and `claim`), which a backend runs atomically (read, apply, write, record events,
+commit) before anyone is told. Each committed change appends events with store-wide increasing
+ids, which `/events` streams and `Last-Event-ID` resumes from. The backends share the event
+bookkeeping (`event_for`, `EventHub`) and `redacted_url` from here.
 """
 
 from __future__ import annotations

@@ -166,12 +166,12 @@ async def test_mutate_applies_and_returns_the_change(store: JobStore, make_job: 
 
 
 async def test_mutate_that_raises_writes_nothing(store: JobStore, make_job: MakeJob) -> None:
-    job, _ = await store.create(make_job(status=JobStatus.COMPLETED))
+    job, _ = await store.create(make_job())
     events = await store.events_after(job.id, 0)
 
     def change(j: Job) -> Job:
-        transition(j, JobStatus.COMPLETED, T0 + 1, result="partial")  # a legal step first...
-        return request_cancel(j, T0 + 1)  # ...then an illegal one
+        transition(j, JobStatus.RUNNING, T0 + 1, worker="w")  # a legal step first...
+        return transition(j, JobStatus.COMPLETED, T0 + 2, result="partial")  # ...then an illegal one
 
     with pytest.raises(InvalidTransition):
         await store.mutate(job.id, change)
