@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -136,8 +137,6 @@ class TickingClock:
 
 async def read_events(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
     """Every event of an SSE response until the server ends it."""
-    import orjson
-
     text = (await resp.read()).decode()
     events = []
     for block in text.split("\n\n"):
@@ -588,8 +587,6 @@ async def test_oversized_submission_is_413_by_content_length_and_by_stream(start
     assert (await resp.json())["error"]["type"] == "payload_too_large"
 
     async def chunks() -> AsyncIterator[bytes]:
-        import orjson
-
         payload = orjson.dumps(big)
         for i in range(0, len(payload), 1000):
             yield payload[i : i + 1000]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs_api.errors import IdempotencyConflict, InvalidTransition, JobNotFound
-from jobs_api.models import Job, JobStatus, Progress, request_cancel, transition
+from jobs_api.models import Job, JobError, JobStatus, Progress, request_cancel, transition
 from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
 from tests.jobs_api.conftest import T0, MakeJob, open_another, open_sqlite
 
@@ -221,8 +221,6 @@ async def test_event_ids_increase_across_jobs(store: JobStore, make_job: MakeJob
 
 
 async def test_failed_event_carries_the_error(store: JobStore, make_job: MakeJob) -> None:
-    from jobs_api.models import JobError
-
     job, _ = await store.create(make_job())
     await store.claim("w", T0 + 1, 30.0)
     error = JobError(type="upstream_error", message="bad", status=400)
