@@ -18,7 +18,6 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from gateway.mock_inference import MOCK_STATS, MockBehaviour, create_mock_app
-from jobs_api import routes
 from jobs_api.app import create_app
 from jobs_api.keys import RUNNER, STORE
 from jobs_api.models import JobStatus
@@ -404,12 +403,8 @@ async def test_events_include_progress_of_a_batch(start_jobs: StartJobs, gateway
     assert "1 completed" in str([e["data"]["progress"]["message"] for e in events])
 
 
-async def test_events_send_keepalive_comments_while_idle(
-    start_jobs: StartJobs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(routes, "SSE_KEEPALIVE_S", 0.1)
-    monkeypatch.setattr(routes, "SSE_POLL_S", 0.05)
-    jobs = await start_jobs(start_runner=False)
+async def test_events_send_keepalive_comments_while_idle(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False, sse_keepalive_s=0.1, sse_poll_s=0.05)
     job = await jobs.submit(inference())
     async with jobs.client.get(f"/v1/jobs/{job['id']}/events") as resp:
         first = await resp.content.readuntil(b"\n\n")
