@@ -106,11 +106,6 @@ class JobRunner:
         self._stopping = False
         self._store_down = False
 
-    @property
-    def running_ids(self) -> list[str]:
-        """Ids of the jobs running in this process."""
-        return list(self._running)
-
     async def start(self) -> None:
         """Open the gateway client, recover expired leases, start workers and background loops."""
         if self._workers:
