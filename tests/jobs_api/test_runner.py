@@ -8,20 +8,25 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from jobs_api.app import create_app
+from jobs_api.auth import Authenticator
 from jobs_api.handlers import HandlerRegistry, JobContext
 from jobs_api.job_types import default_registry
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel
 from jobs_api.runner import JobRunner
 from jobs_api.store.base import JobStore, LogLevel
+from jobs_api.store.redis import RedisJobStore
+from jobs_api.store.sqlite import SqliteJobStore
 from tests.conftest import AiohttpServer, MockUpstream, StartMock
-from tests.jobs_api.conftest import JobsSettingsFactory, MakeJob, StartJobsGateway
+from tests.jobs_api.conftest import DEFAULT_TEST_REDIS_URL, JobsSettingsFactory, MakeJob, StartJobsGateway
 
 # A gateway that forwards each request once and never ejects: every job attempt is one upstream call.
 ONE_SHOT = {"retry": {"max_attempts": 1}, "outlier": {"consecutive_failures": 100}, "strategy": "priority"}
@@ -694,3 +699,17 @@ async def test_start_refuses_a_gateway_url_with_a_path(
     with pytest.raises(ValueError, match="has a path; give the gateway's origin"):
         await runner.start()
     await runner.stop()
+
+
+def test_runner_stores_and_app_are_whole_before_the_loop_runs(
+    jobs_settings: JobsSettingsFactory, store_path: Path
+) -> None:
+    """Nothing needs a running loop to be built; the loop is only needed by start() and open()."""
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    settings = jobs_settings()
+    registry = default_registry()
+    for store in (SqliteJobStore(store_path), RedisJobStore.from_url(DEFAULT_TEST_REDIS_URL)):
+        JobRunner(store, settings, registry, JobsMetrics(CollectorRegistry()))
+    Authenticator(settings)
+    create_app(settings, registry=registry, registry_metrics=CollectorRegistry())
