@@ -1,4 +1,4 @@
-"""The handler registry, custom handler modules, the context, and gateway answer classification."""
+"""The handler registry, custom handler modules, built-in inputs, the context, and answer classification."""
 
 from __future__ import annotations
 
