@@ -1,6 +1,7 @@
 """Application factory of the jobs API: state behind AppKeys, one cleanup_ctx for store and runner.
 
-`create_app` wires settings, the handler registry, authentication and metrics together. The store
+`create_app` wires settings, the handler registry, authentication and metrics together under the
+keys of `jobs_api.keys`, and adds the routes of `jobs_api.routes`. The store
 (opened from `settings.store` unless one is passed in) and the JobRunner working on it live in a
 single cleanup_ctx, so they open before the first request and close after the last.
 """
@@ -18,23 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from jobs_api.auth import Authenticator
 from jobs_api.config import JobsSettings
-from jobs_api.handlers import HandlerRegistry, default_registry
+from jobs_api.handlers import HandlerRegistry
+from jobs_api.job_types import default_registry
+from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.metrics import JobsMetrics
+from jobs_api.routes import add_routes, auth_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
 
 log = logging.getLogger(__name__)
-
-SETTINGS: Final = web.AppKey("settings", JobsSettings)
-STORE: Final = web.AppKey("store", JobStore)
-HANDLERS: Final = web.AppKey("handlers", HandlerRegistry)
-RUNNER: Final = web.AppKey("runner", JobRunner)
-METRICS: Final = web.AppKey("metrics", JobsMetrics)
-PROMETHEUS: Final = web.AppKey("prometheus", CollectorRegistry)
-AUTH: Final = web.AppKey("auth", Authenticator)
-CLOCK: Final = web.AppKey[Callable[[], float]]("clock")
-# Set when the app starts shutting down: event streams end so in-flight requests can drain.
-STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 
 # Room above max_input_bytes for aiohttp's own body limit (headers of a multipart, a batch wrapper).
 BODY_SLACK_BYTES: Final = 64 * 1024
@@ -91,8 +84,6 @@ def create_app(
     test starts it with `await app[RUNNER].start()`.
     Raises ValueError (AuthConfigError) for an unusable credential or handler module.
     """
-    from jobs_api.routes import add_routes, auth_middleware, error_middleware
-
     prometheus = registry_metrics if registry_metrics is not None else CollectorRegistry()
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],

@@ -19,7 +19,8 @@ import orjson
 log = logging.getLogger(__name__)
 
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled", "timed_out"})
-# The server sends a keepalive every 15 s; a silence of three of them means the stream is dead.
+# The server sends a keepalive every 15 s (its default JOBS_SSE_KEEPALIVE_S); a silence of three
+# of them means the stream is dead.
 STREAM_READ_TIMEOUT_S: Final = 45.0
 MAX_POLL_INTERVAL_S: Final = 5.0
 POLL_BACKOFF: Final = 1.5

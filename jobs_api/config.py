@@ -60,6 +60,10 @@ class JobsSettings(BaseSettings):
     jwt_tenant_claim: str = "org"
     jwt_roles_claim: str = "roles"
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Event streams: a comment line this often keeps proxies and clients from closing an idle one,
+    # and events written by another process are noticed within sse_poll_s (this process's at once).
+    sse_keepalive_s: float = Field(15.0, gt=0)
+    sse_poll_s: float = Field(1.0, gt=0)
     log_level: str = "info"
 
     @field_validator("handlers", mode="before")

@@ -1,4 +1,4 @@
-"""Job types: a registry of async handlers, the context they run with, and the built-in types.
+"""The handler API: a registry of async handlers by job type, and the context they run with.
 
 A handler is `async def handler(ctx: JobContext) -> result` where the result is JSON-able and
 becomes the job's `result`. It reads its validated input from `ctx.job.input`, reports with
@@ -13,7 +13,8 @@ module defines `register(registry: HandlerRegistry) -> None`, which calls
 `registry.register("my_type", handler, input_model=MyInput)`; `module:function` names another
 function. See `jobs_api/examples/pipeline.py` for a complete example.
 
-Built-in types: `inference` (one request through the gateway) and `batch` (many of them).
+The built-in types (`inference`, `batch`) are written against this same API in
+`jobs_api.job_types`, whose `default_registry` registers them before the JOBS_HANDLERS modules.
 """
 
 from __future__ import annotations
@@ -24,34 +25,28 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from gateway.http.headers import parse_retry_after
+from jobs_api.attempts import owns
+from jobs_api.config import JobsSettings
 from jobs_api.errors import StoreUnavailable, ValidationFailed
-from jobs_api.models import Job, JobError, JobStatus, Progress
-from jobs_api.store.base import LogLevel, LogLine
-
-if TYPE_CHECKING:
-    from jobs_api.config import JobsSettings
-    from jobs_api.store.base import JobStore
+from jobs_api.models import Job, JobError, Progress
+from jobs_api.store.base import JobStore, LogLevel, LogLine
 
 __all__ = [
-    "BatchInput",
     "Handler",
     "HandlerRegistry",
-    "InferenceInput",
     "JobContext",
     "PermanentError",
     "RetryableError",
     "backoff_s",
-    "default_registry",
-    "run_batch",
-    "run_inference",
+    "load_handlers",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,9 +183,7 @@ class JobContext:
         attempt = self.job
 
         def change(job: Job) -> Job:
-            if job.status is not JobStatus.RUNNING or job.worker != attempt.worker:
-                return job
-            if job.attempts != attempt.attempts:
+            if not owns(job, attempt):
                 return job
             return job.model_copy(update={"progress": progress, "updated_at": now})
 
@@ -346,164 +339,7 @@ def _describe(type_name: str, exc: ValidationError) -> str:
     return f"invalid input for a {type_name!r} job: " + "; ".join(parts) + suffix
 
 
-# --- built-in types ---------------------------------------------------------------------------
-
-
-class InferenceInput(BaseModel):
-    """One request to send through the gateway."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: str = Field("POST", pattern=r"^[A-Za-z]{3,10}$")
-    path: str
-    body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("method")
-    @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
-
-    @field_validator("path")
-    @classmethod
-    def _check_path(cls, value: str) -> str:
-        if not value.startswith("/") or value.startswith("//"):
-            raise ValueError("must be a path on the gateway starting with one '/', e.g. /v1/chat/completions")
-        return value
-
-
-class BatchInput(BaseModel):
-    """Many inference requests run as one job."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    items: list[InferenceInput] = Field(min_length=1, max_length=1000)
-    parallel_limit: int = Field(4, ge=1, le=64)
-    fail_fast: bool = False
-
-
-async def run_inference(ctx: JobContext) -> dict[str, Any]:
-    """Built-in `inference`: one request through the gateway; its answer is the result."""
-    spec = InferenceInput.model_validate(ctx.input)
-    return await ctx.call(spec.method, spec.path, json=spec.body, headers=spec.headers)
-
-
-class _Batch:
-    """Book-keeping of one batch attempt: outcomes by index and counts."""
-
-    def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
-        self.ctx = ctx
-        self.spec = spec
-        self.outcomes: list[dict[str, Any] | None] = [None] * len(spec.items)
-        self.completed = 0
-        self.failed = 0
-        self.first_failure: int | None = None
-        self.report = asyncio.Lock()
-
-    async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
-        async with limit:
-            if self.spec.fail_fast and self.first_failure is not None:
-                return  # skipped: an earlier item already failed the batch
-            item = self.spec.items[index]
-            try:
-                result = await self._call_with_retries(item)
-            except (RetryableError, PermanentError) as exc:
-                self.outcomes[index] = {"index": index, "status": "failed", "error": exc_error(exc)}
-                self.failed += 1
-                if self.first_failure is None:
-                    self.first_failure = index
-            else:
-                self.outcomes[index] = {"index": index, "status": "completed", "result": result}
-                self.completed += 1
-            await self._report()
-
-    async def _call_with_retries(self, item: InferenceInput) -> dict[str, Any]:
-        # Items retry on their own, so one flaky item does not re-run the whole batch.
-        attempt = 1
-        while True:
-            try:
-                return await self.ctx.call(item.method, item.path, json=item.body, headers=item.headers)
-            except RetryableError as exc:
-                if attempt >= self.ctx.job.max_attempts:
-                    raise
-                settings = self.ctx.settings
-                delay = backoff_s(
-                    attempt, settings.backoff_base_s, settings.backoff_max_s, self.ctx.rng, exc.retry_after_s
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
-
-    async def _report(self) -> None:
-        async with self.report:  # counts only grow, so progress written in order never goes back
-            total = len(self.spec.items)
-            done = self.completed + self.failed
-            message = f"{self.completed} completed, {self.failed} failed, {total} total"
-            await self.ctx.progress(100.0 * done / total, message)
-
-    def result(self) -> dict[str, Any]:
-        items = [
-            outcome if outcome is not None else {"index": i, "status": "skipped"}
-            for i, outcome in enumerate(self.outcomes)
-        ]
-        return {"items": items, "completed": self.completed, "failed": self.failed}
-
-
-def exc_error(exc: RetryableError | PermanentError) -> dict[str, Any]:
-    """The JSON error of a failed request or item."""
-    return exc.to_error().model_dump()
-
-
-async def run_batch(ctx: JobContext) -> dict[str, Any]:
-    """Built-in `batch`: run every item (at most `parallel_limit` at once); result in item order.
-
-    Each item gets up to the job's `max_attempts` tries for retryable failures. Without
-    `fail_fast` the job completes whatever the items did; with it, the first failed item stops
-    the others (they are `skipped`) and fails the job, keeping the partial result.
-    """
-    spec = BatchInput.model_validate(ctx.input)
-    batch = _Batch(ctx, spec)
-    limit = asyncio.Semaphore(spec.parallel_limit)
-    tasks = [asyncio.create_task(batch.run_item(i, limit)) for i in range(len(spec.items))]
-    try:
-        pending = set(tasks)
-        while pending and not (spec.fail_fast and batch.first_failure is not None):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if not task.cancelled() and (exc := task.exception()) is not None:
-                    raise exc
-    finally:
-        # Stops what is left (fail_fast, an error, or the job being cancelled) and waits for it,
-        # so no request outlives the attempt.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if spec.fail_fast and batch.first_failure is not None:
-        failed = batch.outcomes[batch.first_failure]
-        assert failed is not None
-        raise PermanentError(
-            f"batch item {batch.first_failure} failed: {failed['error']['message']}",
-            status=failed["error"].get("status"),
-            error_type="batch_item_failed",
-            result=batch.result(),
-        )
-    return batch.result()
-
-
-# --- registry construction --------------------------------------------------------------------
-
-
-def default_registry(handler_paths: Sequence[str] = ()) -> HandlerRegistry:
-    """Built-in types plus those registered by each module in `handler_paths`.
-
-    A path is `package.module` (its `register(registry)` is called) or `package.module:function`.
-    Raises ValueError with a one-line message when a path cannot be imported or registers badly.
-    """
-    registry = HandlerRegistry()
-    registry.register("inference", run_inference, input_model=InferenceInput)
-    registry.register("batch", run_batch, input_model=BatchInput)
-    for path in handler_paths:
-        load_handlers(registry, path)
-    return registry
+# --- loading custom job types -----------------------------------------------------------------
 
 
 def load_handlers(registry: HandlerRegistry, path: str) -> None:

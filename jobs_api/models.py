@@ -3,8 +3,11 @@
 A job is queued, then running (one attempt at a time), then ends in exactly one terminal state:
 completed, failed, cancelled or timed_out. A running attempt that fails retryably goes back to
 queued with a later `run_after`; a crashed worker's job goes back to queued when its lease expires.
-Every change goes through `transition`, which refuses anything the table does not allow.
-Pure: timestamps (`now`, wall-clock seconds) are passed in.
+Every status change goes through `transition`, which refuses anything the table does not allow
+and any change of a job that has ended, so `finished_at` is stamped once. Changes that keep the
+status are plain copies: lease renewal (runner), progress (the handler context) and the cancel
+flag of a running job (`request_cancel`). Pure: timestamps (`now`, wall-clock seconds) are
+passed in; only `new_job_id` makes something up.
 """
 
 from __future__ import annotations
@@ -125,8 +128,13 @@ def is_job_id(value: str) -> bool:
 
 
 def transition(job: Job, to: JobStatus, now: float, **changes: Any) -> Job:
-    """The job moved to `to` at `now`, with other field changes; refuses illegal moves."""
-    if to is not job.status and to not in TRANSITIONS[job.status]:
+    """The job moved to `to` at `now`, with other field changes; refuses illegal moves.
+
+    `to` may be the status the job is in while it has not ended (an update of other fields); a
+    job that ended is refused even its own status.
+    """
+    same = to is job.status and not to.terminal
+    if not same and to not in TRANSITIONS[job.status]:
         raise InvalidTransition(f"job {job.id}: cannot go from {job.status} to {to}")
     update: dict[str, Any] = {"status": to, "updated_at": now, **changes}
     if to is JobStatus.RUNNING and job.started_at is None:

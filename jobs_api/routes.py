@@ -22,7 +22,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs_api.app import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.auth import Principal
 from jobs_api.errors import (
     BadRequest,
@@ -32,6 +31,7 @@ from jobs_api.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)
 
-# A comment line this often keeps proxies and clients from closing an idle event stream.
-SSE_KEEPALIVE_S: Final = 15.0
-# Upper bound on noticing events written by another process (in-process writes wake us at once).
-SSE_POLL_S: Final = 1.0
 DEFAULT_LIST_LIMIT: Final = 20
 MAX_LIST_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY: Final = 255
@@ -507,6 +503,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     after = parse_last_event_id(request)
     job = await visible_job(request)
     store = request.app[STORE]
+    settings = request.app[SETTINGS]
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -519,7 +516,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         # before `after` (a resume past the end), so there is nothing more to send.
         terminal_before = job.status.terminal
         while True:
-            waiter = asyncio.ensure_future(store.wait_for_events(job.id, SSE_POLL_S))
+            waiter = asyncio.ensure_future(store.wait_for_events(job.id, settings.sse_poll_s))
             try:
                 await asyncio.sleep(0)  # the waiter registers before we look: no event slips between
                 events = await store.events_after(job.id, after)
@@ -538,7 +535,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 waiter.cancel()
             if stopping.done():
                 return response  # shutting down: the client resumes elsewhere with Last-Event-ID
-            if loop.time() - last_write >= SSE_KEEPALIVE_S:
+            if loop.time() - last_write >= settings.sse_keepalive_s:
                 if await store.get(job.id) is None:
                     return response  # purged after its retention: no terminal event will come
                 await response.write(b": keepalive\n\n")

@@ -2,7 +2,7 @@
 
 Life of an attempt: a worker claims the best queued job (highest priority, then oldest; the claim
 counts the attempt and leases the job to this runner), runs its handler in its own task until the
-job's deadline, then records how the attempt ended with one `store.mutate` (`settle`, pure).
+job's deadline, then records how the attempt ended with one `store.mutate` (`attempts.settle`).
 While it runs, a watch loop renews the lease every ~lease_s/3 and stops the task when the job was
 cancelled (cancel_requested in the store) or no longer belongs to this attempt. A sweeper requeues
 running jobs whose lease expired: that is how jobs of a crashed process (`kill -9`) are finished by
@@ -10,8 +10,10 @@ the next one, within about lease_s (plus one sweep) of the crash, or at once whe
 happens later than that. Delivery is at least once: an attempt whose outcome could not be
 recorded runs again after its lease expires.
 
-Every change goes through `models.transition` inside `store.mutate`, guarded so that an attempt
-only ever writes to the job while the job still belongs to it (`owns`).
+This module does the I/O; what each step changes is decided by the pure functions of
+`jobs_api.attempts`. Every write of an attempt (its outcome, a lease renewal) runs inside
+`store.mutate` guarded by `owns`, so an attempt only ever writes to the job while the job still
+belongs to it.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pydantic_core
 
+from jobs_api.attempts import (
+    AttemptEnd,
+    EndKind,
+    attempt_outcome,
+    expire_lease,
+    expire_queued,
+    owns,
+    release,
+    settle,
+)
 from jobs_api.config import JobsSettings
 from jobs_api.errors import JobNotFound, StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext, PermanentError, RetryableError, backoff_s
 from jobs_api.metrics import JobsMetrics
-from jobs_api.models import Job, JobError, JobStatus, transition
+from jobs_api.models import Job, JobError, JobStatus
 from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
 
 log = logging.getLogger(__name__)
@@ -46,108 +57,6 @@ CANCEL_GRACE_S = 5.0
 # How often the queued-gauge is refreshed and queued jobs are checked against their deadline.
 QUEUED_GAUGE_INTERVAL_S = 2.0
 QUEUED_DEADLINE_INTERVAL_S = 5.0
-
-
-# --- pure decisions ------------------------------------------------------------------------
-
-
-class EndKind(StrEnum):
-    """How an attempt ended."""
-
-    COMPLETED = "completed"
-    RETRY = "retry"  # retryable failure: another attempt after a backoff
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-    INTERRUPTED = "interrupted"  # this runner stopped before the attempt ended
-    LOST = "lost"  # the job no longer belongs to this attempt (lease expired and taken over)
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptEnd:
-    """The outcome of one attempt, ready to be recorded by `settle`."""
-
-    kind: EndKind
-    result: Any = None
-    error: JobError | None = None
-    delay_s: float = 0.0  # for RETRY: wait before the next attempt
-
-
-def owns(current: Job, attempt: Job) -> bool:
-    """True while the stored job still belongs to the attempt that claimed it as `attempt`."""
-    return (
-        current.status is JobStatus.RUNNING
-        and current.worker == attempt.worker
-        and current.attempts == attempt.attempts
-    )
-
-
-def timeout_error(job: Job) -> JobError:
-    """The error of a job that ran out of time."""
-    return JobError(type="timeout", message=f"job did not finish within timeout_s={job.timeout_s:g}")
-
-
-def settle(job: Job, end: AttemptEnd, now: float) -> Job:
-    """The running job after its attempt ended as `end` at `now`.
-
-    Completed wins; then a cancel request; then a permanent failure; then the deadline. A
-    retryable end requeues the job (run_after = now + delay) unless its attempts are used up.
-    """
-    if end.kind is EndKind.COMPLETED:
-        progress = job.progress.model_copy(update={"percent": 100.0})
-        return transition(job, JobStatus.COMPLETED, now, result=end.result, error=None, progress=progress)
-    if end.kind is EndKind.CANCELLED or job.cancel_requested:
-        return transition(job, JobStatus.CANCELLED, now)
-    if end.kind is EndKind.FAILED:
-        return transition(job, JobStatus.FAILED, now, error=end.error, result=end.result)
-    if end.kind is EndKind.TIMED_OUT or now >= job.deadline:
-        return transition(job, JobStatus.TIMED_OUT, now, error=timeout_error(job))
-    error = end.error or JobError(type="retryable_error", message="attempt failed", retryable=True)
-    if job.attempts >= job.max_attempts:
-        message = f"{error.message} (gave up after {job.attempts} of {job.max_attempts} attempts)"
-        return transition(job, JobStatus.FAILED, now, error=error.model_copy(update={"message": message}))
-    return transition(job, JobStatus.QUEUED, now, run_after=now + end.delay_s, error=error)
-
-
-def expire_lease(job: Job, now: float) -> Job:
-    """A running job whose lease ran out before `now`: requeued (or ended); else unchanged."""
-    if job.status is not JobStatus.RUNNING or job.lease_until is None or job.lease_until >= now:
-        return job
-    error = JobError(
-        type="worker_lost",
-        message=f"worker {job.worker} stopped renewing its lease during attempt {job.attempts}",
-        retryable=True,
-    )
-    return settle(job, AttemptEnd(EndKind.LOST, error=error), now)
-
-
-def release(job: Job, attempt: Job, now: float) -> Job:
-    """A job claimed as `attempt` that never started (its runner began stopping): queued again
-    with the attempt uncounted; unchanged if it no longer belongs to the attempt."""
-    if not owns(job, attempt):
-        return job
-    attempts = job.attempts - 1
-    started_at = job.started_at if attempts > 0 else None
-    return transition(job, JobStatus.QUEUED, now, attempts=attempts, started_at=started_at)
-
-
-def expire_queued(job: Job, now: float) -> Job:
-    """A queued job past its deadline: timed out; else unchanged."""
-    if job.status is not JobStatus.QUEUED or now < job.deadline:
-        return job
-    return transition(job, JobStatus.TIMED_OUT, now, error=timeout_error(job))
-
-
-def attempt_outcome(end: EndKind, after: Job) -> str:
-    """The `outcome` label of jobs_attempts_total for an attempt that left the job as `after`."""
-    if after.status is JobStatus.COMPLETED:
-        return "success"
-    if after.status is JobStatus.QUEUED:
-        return "lost" if end in (EndKind.LOST, EndKind.INTERRUPTED) else "retry"
-    return after.status.value
-
-
-# --- I/O ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -196,11 +105,6 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._store_down = False
-
-    @property
-    def running_ids(self) -> list[str]:
-        """Ids of the jobs running in this process."""
-        return list(self._running)
 
     async def start(self) -> None:
         """Open the gateway client, recover expired leases, start workers and background loops."""

@@ -1,9 +1,10 @@
 """The job store contract: a few atomic verbs that every backend implements the same way.
 
-State changes are pure functions of a Job (models.transition) applied by `mutate`, which a
-backend runs atomically (read, apply, write, record events, commit) before anyone is told. Each
-committed change appends events with store-wide increasing ids, which `/events` streams and
-`Last-Event-ID` resumes from.
+Changes are pure functions of a Job (status changes through models.transition) applied by
+`mutate` (and `claim`), which a backend runs atomically (read, apply, write, record events,
+commit) before anyone is told. Each committed change appends events with store-wide increasing
+ids, which `/events` streams and `Last-Event-ID` resumes from. The backends share the event
+bookkeeping (`event_for`, `EventHub`) and `redacted_url` from here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from jobs_api.models import Job, JobStatus
 
 Mutation = Callable[[Job], Job]
+
+
+def redacted_url(url: str) -> str:
+    """A store URL fit for logs: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 class LogLevel(IntEnum):

@@ -46,7 +46,6 @@ from redis.retry import Retry
 
 from jobs_api.errors import IdempotencyConflict, JobNotFound, StoreUnavailable
 from jobs_api.models import Job, JobStatus, transition
-from jobs_api.store import redacted_url
 from jobs_api.store.base import (
     EventHub,
     JobEvent,
@@ -56,6 +55,7 @@ from jobs_api.store.base import (
     LogLine,
     Mutation,
     event_for,
+    redacted_url,
 )
 
 log = logging.getLogger(__name__)

@@ -248,6 +248,7 @@ BAD_SETTINGS: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
     "rs256_key_not_pem": ([], {"JOBS_JWT_RS256_PUBLIC_KEY": "nope"}, ("jwt_rs256_public_key",)),
     "handlers_not_importable": ([], {"JOBS_HANDLERS": "no_such_module.jobs"}, ("handlers", "no_such_module")),
     "negative_lease": ([], {"JOBS_LEASE_S": "-1"}, ("lease_s", "greater than 0")),
+    "sse_keepalive_zero": ([], {"JOBS_SSE_KEEPALIVE_S": "0"}, ("sse_keepalive_s", "JOBS_SSE_KEEPALIVE_S")),
 }
 
 

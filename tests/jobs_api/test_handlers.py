@@ -1,4 +1,4 @@
-"""The handler registry, custom handler modules, the context, and gateway answer classification."""
+"""The handler registry, custom handler modules, built-in inputs, the context, and answer classification."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from jobs_api.handlers import (
     PermanentError,
     RetryableError,
     backoff_s,
-    default_registry,
     excerpt,
 )
-from jobs_api.models import JobStatus, Progress
+from jobs_api.job_types import default_registry
+from jobs_api.models import JobStatus, Progress, transition
 from jobs_api.store.base import JobStore, LogLevel
 from tests.conftest import MockUpstream, StartMock
 from tests.jobs_api.conftest import T0, JobsSettingsFactory, MakeJob, StartJobsGateway
@@ -248,8 +248,6 @@ async def test_context_progress_is_persisted_with_phase(
 async def test_context_progress_writes_nothing_once_the_job_moved_on(
     store: JobStore, make_job: MakeJob, session: aiohttp.ClientSession, jobs_settings: JobsSettingsFactory
 ) -> None:
-    from jobs_api.models import transition
-
     ctx = await running_context(store, make_job, session, jobs_settings())
     await store.mutate(ctx.job.id, lambda j: transition(j, JobStatus.QUEUED, T0 + 3))
     await ctx.progress(50, "zombie")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio.connection import SSLConnection
 
 from jobs_api.app import create_app
 from jobs_api.errors import StoreUnavailable
@@ -108,8 +110,6 @@ def test_open_store_dispatches_redis_urls_and_refuses_bad_ones() -> None:
 
 
 async def test_rediss_url_connects_with_tls() -> None:
-    from redis.asyncio.connection import SSLConnection
-
     store = RedisJobStore.from_url(f"rediss://127.0.0.1:{free_port()}/0", prefix="tls-test:")
     await store.open()  # nothing listens there: open warns, the store reports unavailable
     try:
@@ -154,8 +154,6 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, str]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        import socket
-
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from gateway.testing.mock_inference import MOCK_STATS, MockBehaviour, create_mock_app
-from jobs_api import routes
-from jobs_api.app import RUNNER, STORE, create_app
+from jobs_api.app import create_app
+from jobs_api.keys import RUNNER, STORE
 from jobs_api.models import JobStatus
 from jobs_api.store import JobStore
 from jobs_api.store.sqlite import SqliteJobStore
@@ -135,8 +136,6 @@ class TickingClock:
 
 async def read_events(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
     """Every event of an SSE response until the server ends it."""
-    import orjson
-
     text = (await resp.read()).decode()
     events = []
     for block in text.split("\n\n"):
@@ -404,12 +403,8 @@ async def test_events_include_progress_of_a_batch(start_jobs: StartJobs, gateway
     assert "1 completed" in str([e["data"]["progress"]["message"] for e in events])
 
 
-async def test_events_send_keepalive_comments_while_idle(
-    start_jobs: StartJobs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(routes, "SSE_KEEPALIVE_S", 0.1)
-    monkeypatch.setattr(routes, "SSE_POLL_S", 0.05)
-    jobs = await start_jobs(start_runner=False)
+async def test_events_send_keepalive_comments_while_idle(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False, sse_keepalive_s=0.1, sse_poll_s=0.05)
     job = await jobs.submit(inference())
     async with jobs.client.get(f"/v1/jobs/{job['id']}/events") as resp:
         first = await resp.content.readuntil(b"\n\n")
@@ -587,8 +582,6 @@ async def test_oversized_submission_is_413_by_content_length_and_by_stream(start
     assert (await resp.json())["error"]["type"] == "payload_too_large"
 
     async def chunks() -> AsyncIterator[bytes]:
-        import orjson
-
         payload = orjson.dumps(big)
         for i in range(0, len(payload), 1000):
             yield payload[i : i + 1000]

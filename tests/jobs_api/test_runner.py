@@ -8,26 +8,25 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from jobs_api.handlers import HandlerRegistry, JobContext, default_registry
+from jobs_api.app import create_app
+from jobs_api.auth import Authenticator
+from jobs_api.handlers import HandlerRegistry, JobContext
+from jobs_api.job_types import default_registry
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel
-from jobs_api.runner import (
-    AttemptEnd,
-    EndKind,
-    JobRunner,
-    expire_lease,
-    expire_queued,
-    settle,
-)
+from jobs_api.runner import JobRunner
 from jobs_api.store.base import JobStore, LogLevel
+from jobs_api.store.redis import RedisJobStore
+from jobs_api.store.sqlite import SqliteJobStore
 from tests.conftest import AiohttpServer, MockUpstream, StartMock
-from tests.jobs_api.conftest import T0, JobsSettingsFactory, MakeJob, StartJobsGateway
+from tests.jobs_api.conftest import DEFAULT_TEST_REDIS_URL, JobsSettingsFactory, MakeJob, StartJobsGateway
 
 # A gateway that forwards each request once and never ejects: every job attempt is one upstream call.
 ONE_SHOT = {"retry": {"max_attempts": 1}, "outlier": {"consecutive_failures": 100}, "strategy": "priority"}
@@ -166,65 +165,6 @@ def start_scripted(aiohttp_server: AiohttpServer, start_jobs_gateway: StartJobsG
         return scripted, await start_jobs_gateway(f"s={url}", **ONE_SHOT)
 
     return start
-
-
-# --- pure decisions ----------------------------------------------------------------------------
-
-
-def running(make_job: MakeJob, **fields: Any) -> Job:
-    values: dict[str, Any] = {
-        "status": JobStatus.RUNNING,
-        "attempts": 1,
-        "worker": "w",
-        "lease_until": T0 + 30,
-    }
-    return make_job(created_at=T0, **{**values, **fields})
-
-
-def test_settle_retry_requeues_after_the_delay(make_job: MakeJob) -> None:
-    after = settle(running(make_job), AttemptEnd(EndKind.RETRY, delay_s=2.5), T0 + 1)
-    assert after.status is JobStatus.QUEUED and after.run_after == T0 + 3.5
-    assert after.worker is None and after.lease_until is None
-    assert after.error is not None and after.error.retryable
-
-
-def test_settle_retry_on_last_attempt_fails(make_job: MakeJob) -> None:
-    after = settle(running(make_job, attempts=3, max_attempts=3), AttemptEnd(EndKind.RETRY), T0 + 1)
-    assert after.status is JobStatus.FAILED
-    assert after.error is not None and "gave up after 3 of 3 attempts" in after.error.message
-
-
-def test_settle_past_deadline_times_out_instead_of_retrying(make_job: MakeJob) -> None:
-    after = settle(running(make_job, timeout_s=10), AttemptEnd(EndKind.RETRY), T0 + 10)
-    assert after.status is JobStatus.TIMED_OUT
-    assert after.error is not None and after.error.type == "timeout"
-
-
-def test_settle_cancel_request_wins_over_retry_but_not_completion(make_job: MakeJob) -> None:
-    job = running(make_job, cancel_requested=True)
-    assert settle(job, AttemptEnd(EndKind.RETRY), T0 + 1).status is JobStatus.CANCELLED
-    assert settle(job, AttemptEnd(EndKind.INTERRUPTED), T0 + 1).status is JobStatus.CANCELLED
-    done = settle(job, AttemptEnd(EndKind.COMPLETED, result=[1]), T0 + 1)
-    assert done.status is JobStatus.COMPLETED and done.result == [1] and done.progress.percent == 100
-
-
-def test_expire_lease_requeues_only_expired_running_jobs(make_job: MakeJob) -> None:
-    job = running(make_job, lease_until=T0 + 5)
-    assert expire_lease(job, T0 + 5) is job
-    after = expire_lease(job, T0 + 6)
-    assert after.status is JobStatus.QUEUED and after.run_after == T0 + 6
-    assert after.error is not None and after.error.type == "worker_lost"
-    assert expire_lease(running(make_job, lease_until=T0, attempts=5, max_attempts=5), T0 + 6).status is (
-        JobStatus.FAILED
-    )
-    queued = make_job()
-    assert expire_lease(queued, T0 + 100) is queued
-
-
-def test_expire_queued_times_out_only_past_deadline(make_job: MakeJob) -> None:
-    job = make_job(created_at=T0, timeout_s=10)
-    assert expire_queued(job, T0 + 9) is job
-    assert expire_queued(job, T0 + 10).status is JobStatus.TIMED_OUT
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -393,6 +333,7 @@ async def test_cancel_local_stops_a_running_job_at_once(
     hung, r, job = await hanging_job(
         store, make_job, start_mock, start_jobs_gateway, start_runner, lease_s=30
     )
+    assert r.sample("jobs_running") == 1
     started = time.monotonic()
     await store.mutate(job.id, lambda j: request_cancel(j, time.time()))
     r.runner.cancel_local(job.id)
@@ -401,7 +342,7 @@ async def test_cancel_local_stops_a_running_job_at_once(
     assert done.cancel_requested and done.worker is None
     await wait_for(lambda: hung.stats.disconnects == 1)
     assert r.sample("jobs_attempts_total", {"type": "inference", "outcome": "cancelled"}) == 1
-    assert r.runner.running_ids == []
+    assert r.sample("jobs_running") == 0
 
 
 async def test_cancel_through_the_store_reaches_the_running_job(
@@ -758,3 +699,17 @@ async def test_start_refuses_a_gateway_url_with_a_path(
     with pytest.raises(ValueError, match="has a path; give the gateway's origin"):
         await runner.start()
     await runner.stop()
+
+
+def test_runner_stores_and_app_are_whole_before_the_loop_runs(
+    jobs_settings: JobsSettingsFactory, store_path: Path
+) -> None:
+    """Nothing needs a running loop to be built; the loop is only needed by start() and open()."""
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    settings = jobs_settings()
+    registry = default_registry()
+    for store in (SqliteJobStore(store_path), RedisJobStore.from_url(DEFAULT_TEST_REDIS_URL)):
+        JobRunner(store, settings, registry, JobsMetrics(CollectorRegistry()))
+    Authenticator(settings)
+    create_app(settings, registry=registry, registry_metrics=CollectorRegistry())

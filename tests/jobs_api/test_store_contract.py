@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs_api.errors import IdempotencyConflict, InvalidTransition, JobNotFound
-from jobs_api.models import Job, JobStatus, Progress, request_cancel, transition
+from jobs_api.models import Job, JobError, JobStatus, Progress, request_cancel, transition
 from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
 from tests.jobs_api.conftest import T0, MakeJob, open_another, open_sqlite
 
@@ -166,12 +166,12 @@ async def test_mutate_applies_and_returns_the_change(store: JobStore, make_job: 
 
 
 async def test_mutate_that_raises_writes_nothing(store: JobStore, make_job: MakeJob) -> None:
-    job, _ = await store.create(make_job(status=JobStatus.COMPLETED))
+    job, _ = await store.create(make_job())
     events = await store.events_after(job.id, 0)
 
     def change(j: Job) -> Job:
-        transition(j, JobStatus.COMPLETED, T0 + 1, result="partial")  # a legal step first...
-        return request_cancel(j, T0 + 1)  # ...then an illegal one
+        transition(j, JobStatus.RUNNING, T0 + 1, worker="w")  # a legal step first...
+        return transition(j, JobStatus.COMPLETED, T0 + 2, result="partial")  # ...then an illegal one
 
     with pytest.raises(InvalidTransition):
         await store.mutate(job.id, change)
@@ -221,8 +221,6 @@ async def test_event_ids_increase_across_jobs(store: JobStore, make_job: MakeJob
 
 
 async def test_failed_event_carries_the_error(store: JobStore, make_job: MakeJob) -> None:
-    from jobs_api.models import JobError
-
     job, _ = await store.create(make_job())
     await store.claim("w", T0 + 1, 30.0)
     error = JobError(type="upstream_error", message="bad", status=400)

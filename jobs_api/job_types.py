@@ -1,0 +1,181 @@
+"""The built-in job types: `inference` (one request through the gateway) and `batch` (many).
+
+Both are ordinary handlers written against `jobs_api.handlers`, the API custom types use too.
+`default_registry` registers them, then the types of each JOBS_HANDLERS module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs_api.handlers import (
+    HandlerRegistry,
+    JobContext,
+    PermanentError,
+    RetryableError,
+    backoff_s,
+    load_handlers,
+)
+
+
+class InferenceInput(BaseModel):
+    """One request to send through the gateway."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("POST", pattern=r"^[A-Za-z]{3,10}$")
+    path: str
+    body: Any = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//"):
+            raise ValueError("must be a path on the gateway starting with one '/', e.g. /v1/chat/completions")
+        return value
+
+
+class BatchInput(BaseModel):
+    """Many inference requests run as one job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[InferenceInput] = Field(min_length=1, max_length=1000)
+    parallel_limit: int = Field(4, ge=1, le=64)
+    fail_fast: bool = False
+
+
+async def run_inference(ctx: JobContext) -> dict[str, Any]:
+    """Built-in `inference`: one request through the gateway; its answer is the result."""
+    spec = InferenceInput.model_validate(ctx.input)
+    return await ctx.call(spec.method, spec.path, json=spec.body, headers=spec.headers)
+
+
+class _Batch:
+    """Book-keeping of one batch attempt: outcomes by index and counts."""
+
+    def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.outcomes: list[dict[str, Any] | None] = [None] * len(spec.items)
+        self.completed = 0
+        self.failed = 0
+        self.first_failure: int | None = None
+        self.report = asyncio.Lock()
+
+    async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            if self.spec.fail_fast and self.first_failure is not None:
+                return  # skipped: an earlier item already failed the batch
+            item = self.spec.items[index]
+            try:
+                result = await self._call_with_retries(item)
+            except (RetryableError, PermanentError) as exc:
+                self.outcomes[index] = {"index": index, "status": "failed", "error": exc_error(exc)}
+                self.failed += 1
+                if self.first_failure is None:
+                    self.first_failure = index
+            else:
+                self.outcomes[index] = {"index": index, "status": "completed", "result": result}
+                self.completed += 1
+            await self._report()
+
+    async def _call_with_retries(self, item: InferenceInput) -> dict[str, Any]:
+        # Items retry on their own, so one flaky item does not re-run the whole batch.
+        attempt = 1
+        while True:
+            try:
+                return await self.ctx.call(item.method, item.path, json=item.body, headers=item.headers)
+            except RetryableError as exc:
+                if attempt >= self.ctx.job.max_attempts:
+                    raise
+                settings = self.ctx.settings
+                delay = backoff_s(
+                    attempt, settings.backoff_base_s, settings.backoff_max_s, self.ctx.rng, exc.retry_after_s
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def _report(self) -> None:
+        async with self.report:  # counts only grow, so progress written in order never goes back
+            total = len(self.spec.items)
+            done = self.completed + self.failed
+            message = f"{self.completed} completed, {self.failed} failed, {total} total"
+            await self.ctx.progress(100.0 * done / total, message)
+
+    def result(self) -> dict[str, Any]:
+        items = [
+            outcome if outcome is not None else {"index": i, "status": "skipped"}
+            for i, outcome in enumerate(self.outcomes)
+        ]
+        return {"items": items, "completed": self.completed, "failed": self.failed}
+
+
+def exc_error(exc: RetryableError | PermanentError) -> dict[str, Any]:
+    """The JSON error of a failed request or item."""
+    return exc.to_error().model_dump()
+
+
+async def run_batch(ctx: JobContext) -> dict[str, Any]:
+    """Built-in `batch`: run every item (at most `parallel_limit` at once); result in item order.
+
+    Each item gets up to the job's `max_attempts` tries for retryable failures. Without
+    `fail_fast` the job completes whatever the items did; with it, the first failed item stops
+    the others (they are `skipped`) and fails the job, keeping the partial result.
+    """
+    spec = BatchInput.model_validate(ctx.input)
+    batch = _Batch(ctx, spec)
+    limit = asyncio.Semaphore(spec.parallel_limit)
+    tasks = [asyncio.create_task(batch.run_item(i, limit)) for i in range(len(spec.items))]
+    try:
+        pending = set(tasks)
+        while pending and not (spec.fail_fast and batch.first_failure is not None):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    raise exc
+    finally:
+        # Stops what is left (fail_fast, an error, or the job being cancelled) and waits for it,
+        # so no request outlives the attempt.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if spec.fail_fast and batch.first_failure is not None:
+        failed = batch.outcomes[batch.first_failure]
+        assert failed is not None
+        raise PermanentError(
+            f"batch item {batch.first_failure} failed: {failed['error']['message']}",
+            status=failed["error"].get("status"),
+            error_type="batch_item_failed",
+            result=batch.result(),
+        )
+    return batch.result()
+
+
+def register(registry: HandlerRegistry) -> None:
+    """Register the built-in types, like a JOBS_HANDLERS module registers its own."""
+    registry.register("inference", run_inference, input_model=InferenceInput)
+    registry.register("batch", run_batch, input_model=BatchInput)
+
+
+def default_registry(handler_paths: Sequence[str] = ()) -> HandlerRegistry:
+    """Built-in types plus those registered by each module in `handler_paths`.
+
+    A path is `package.module` (its `register(registry)` is called) or `package.module:function`.
+    Raises ValueError with a one-line message when a path cannot be imported or registers badly.
+    """
+    registry = HandlerRegistry()
+    register(registry)
+    for path in handler_paths:
+        load_handlers(registry, path)
+    return registry
