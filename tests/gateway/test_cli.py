@@ -278,6 +278,36 @@ BAD_CONFIGS: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
         {},
         ("retry.max_attempts", "GATEWAY_RETRY__MAX_ATTEMPTS"),
     ),
+    "header_secret_with_newline": (
+        [],
+        {
+            "PROVIDER_KEY": "sk-123\n",
+            "GATEWAY_UPSTREAMS": (
+                '[{"url": "http://127.0.0.1:1", "headers": {"Authorization": "Bearer ${PROVIDER_KEY}"}}]'
+            ),
+        },
+        ("upstreams.0.headers", "Authorization", "control character"),
+    ),
+    "header_name_not_a_token": (
+        [],
+        {"GATEWAY_UPSTREAMS": '[{"url": "http://127.0.0.1:1", "headers": {"X Bad": "v"}}]'},
+        ("upstreams.0.headers", "X Bad", "field name"),
+    ),
+    "deadline_header_with_space": (
+        ["--upstream", "http://127.0.0.1:1"],
+        {"GATEWAY_TIMEOUTS__DEADLINE_HEADER": "X Timeout"},
+        ("timeouts.deadline_header", "field name"),
+    ),
+    "retry_statuses_not_numbers": (
+        ["--upstream", "http://127.0.0.1:1"],
+        {"GATEWAY_RETRY__ON_STATUSES": "429,soon"},
+        ("retry.on_statuses", "GATEWAY_RETRY__ON_STATUSES"),
+    ),
+    "nested_env_not_json": (
+        ["--upstream", "http://127.0.0.1:1"],
+        {"GATEWAY_TIMEOUTS": "{connect_s: 1"},
+        ("timeouts", "invalid configuration"),
+    ),
 }
 
 
@@ -318,6 +348,29 @@ def test_cli_non_utf8_config_file_exits_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("gateway: config file ")
     assert "latin1.yaml" in lines[0]
     assert "UTF-8" in lines[0]
+
+
+def test_cli_demo_port_in_use_exits_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_gateway("demo", "--port", str(port), "--admin-port", "0", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gateway: ")]
+    assert len(lines) == 1, result.stderr
+    assert str(port) in lines[0] and "in use" in lines[0]
+    assert "Traceback" not in result.stdout
+
+
+def test_cli_retry_statuses_take_a_comma_list(tmp_path: Path) -> None:
+    """GATEWAY_RETRY__ON_STATUSES=429,503 is read like GATEWAY_UPSTREAMS, not as JSON only."""
+    env = clean_env(GATEWAY_RETRY__ON_STATUSES="429,503", GATEWAY_PORT="99999")
+    result = run_gateway("--upstream", "http://127.0.0.1:1", env=env, cwd=tmp_path)
+    # The statuses parse; the only complaint is the port, on one line.
+    assert "on_statuses" not in result.stderr
+    assert "port" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("which", ["--port", "--admin-port"])
@@ -401,6 +454,61 @@ async def test_cli_upstreams_from_env_list(spawn: Spawn, start_mock: StartMock) 
                 await resp.read()
     assert a.stats.requests == 2
     assert b.stats.requests == 2
+
+
+# --- file descriptors ---------------------------------------------------------------------------
+
+LOW_FD_LIMIT = (200, 256)  # soft, hard: a container's small limit
+
+
+def limited_gateway_cmd(*args: str) -> list[str]:
+    """The gateway under a small open-files limit (set in the child before it becomes the gateway)."""
+    soft, hard = LOW_FD_LIMIT
+    code = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "sys.argv = ['gateway', *sys.argv[1:]]; runpy.run_module('gateway', run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, *args]
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-files line")
+
+
+async def test_cli_idle_connections_never_lock_out_new_clients_under_a_low_fd_limit(
+    spawn: Spawn, start_mock: StartMock
+) -> None:
+    a = await start_mock("a")
+    proc = spawn(
+        limited_gateway_cmd("--upstream", a.spec, "--port", "0", "--admin-port", "0", *NO_HEALTH_CHECKS)
+    )
+    match = await proc.wait_line(SERVING_RE)
+    port, admin = int(match.group(1)), int(match.group(2))
+    assert open_files_limits(proc.popen.pid) == (LOW_FD_LIMIT[1], LOW_FD_LIMIT[1])  # soft raised to hard
+    idle: list[asyncio.StreamWriter] = []
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        for _ in range(300):  # more idle keep-alive clients than the process has descriptors
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            idle.append(writer)
+            writer.write(request)
+            status_line = await asyncio.wait_for(reader.readline(), 5)
+            assert status_line.startswith(b"HTTP/1.1 200"), status_line
+        async with aiohttp.ClientSession() as session:
+            for _ in range(10):
+                async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                    assert resp.status == 200
+            async with session.get(f"http://127.0.0.1:{admin}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        for writer in idle:
+            writer.close()
+    assert "Traceback" not in proc.output()
 
 
 # --- the "done means" scenario ------------------------------------------------------------------

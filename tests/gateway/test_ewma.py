@@ -211,3 +211,19 @@ def test_peak_ewma_lower_sample_after_decay_weighted_from_decay_stamp() -> None:
     e.observe(0.1, now=20.0)
     w = math.exp(-1.0)
     assert e.value == pytest.approx(decayed * w + 0.1 * (1.0 - w))
+
+
+def test_decay_stops_at_the_floor() -> None:
+    e = PeakEwma(decay_s=1.0, initial_s=1.0, now=0.0)
+    e.observe(1.0, 0.0)
+    assert e.decay(10.0, floor_s=3.0) == 3.0
+    assert e.decay(20.0) == pytest.approx(3.0 * math.exp(-10.0))
+
+
+def test_observe_at_least_only_raises() -> None:
+    e = PeakEwma(decay_s=1.0, initial_s=1.0, now=0.0)
+    e.observe(2.0, 0.0)
+    e.observe_at_least(0.5, 1.0)
+    assert e.value == 2.0
+    e.observe_at_least(5.0, 1.0)
+    assert e.value == 5.0

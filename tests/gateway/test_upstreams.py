@@ -15,7 +15,7 @@ import pytest
 from gateway.config import GatewaySettings, Strategy, UpstreamSettings
 from gateway.policy.classify import Outcome
 from gateway.policy.outlier import State, Transition
-from gateway.policy.upstreams import FAILURE_PENALTY_S, Choice, Pool, Upstream
+from gateway.policy.upstreams import FAILURE_PENALTY_S, RETRY_AFTER_CAP_S, Choice, Pool, Upstream
 
 Event = tuple[str, State, State, float]
 
@@ -755,3 +755,55 @@ def test_describe_unavailable_without_full_upstreams() -> None:
     assert pool.describe_unavailable(1.0) == (
         "0 of 2 upstreams can take the request (1 cooling_down, 1 unhealthy)"
     )
+
+
+def test_retry_after_for_an_ejection_is_capped_at_a_few_seconds() -> None:
+    pool = make_pool("a", "b")
+    for up in pool.upstreams:
+        eject(pool, up, 0.0)  # 30 s each: a client honouring Retry-After would stall that long
+    assert pool.retry_after_s(1.0) == RETRY_AFTER_CAP_S
+
+
+def test_retry_after_for_a_rate_limit_is_the_cooldown_asked_for() -> None:
+    pool = make_pool("a")
+    pool.record(pool.upstreams[0], Outcome.RATE_LIMITED, 0.0, 0.01, retry_after_s=7.0)
+    assert pool.retry_after_s(1.0) == pytest.approx(6.0)
+
+
+# --- requests still waiting bound the estimate from below -------------------------------------
+
+
+def test_estimate_never_decays_below_the_oldest_waiting_attempt() -> None:
+    pool = make_pool("hung", "good", strategy=Strategy.LATENCY)
+    hung, good = pool.upstreams
+    pool.record(hung, Outcome.SUCCESS, 0.0, 0.05)
+    pool.record(good, Outcome.SUCCESS, 0.0, 0.05)
+    token = object()
+    hung.attempt_started(token, 0.0)
+    for now in (5.0, 10.0, 20.0):  # nothing completes at hung; its estimate would decay to ~0
+        choose_with(pool, now, random.Random(0))
+        assert hung.latency_s >= now - 0.0
+        assert good.latency_s < 0.05
+    hung.attempt_ended(token)
+    assert hung.inflight == 0 and not hung.waiting
+
+
+def test_answered_attempt_stops_counting_as_waiting() -> None:
+    pool = make_pool("a", strategy=Strategy.LATENCY)
+    (a,) = pool.upstreams
+    token = object()
+    a.attempt_started(token, 0.0)
+    assert a.oldest_wait_s(3.0) == 3.0
+    a.waiting.pop(token)  # headers arrived: a long stream is not a slow upstream
+    assert a.oldest_wait_s(100.0) == 0.0
+    assert a.inflight == 1
+
+
+def test_abandoned_attempt_raises_the_estimate_but_never_lowers_it() -> None:
+    pool = make_pool("a", strategy=Strategy.LATENCY)
+    (a,) = pool.upstreams
+    pool.record(a, Outcome.SUCCESS, 0.0, 0.5)
+    pool.record_abandoned(a, 0.1, 1.0)  # gave up early: says nothing new
+    assert a.latency_s == 0.5
+    pool.record_abandoned(a, 4.0, 2.0)  # waited 4 s for nothing: at least that slow
+    assert a.latency_s == 4.0
