@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest gap between response chunks (default 60)",
     )
     parser.add_argument(
+        "--first-token-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="time to a stream's first content event per attempt, then retried (default 60)",
+    )
+    parser.add_argument(
         "--deadline",
         type=_positive_float,
         metavar="SECONDS",
@@ -140,6 +146,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ("timeouts", "connect_s"): args.connect_timeout,
         ("timeouts", "attempt_s"): args.attempt_timeout,
         ("timeouts", "idle_s"): args.idle_timeout,
+        ("timeouts", "first_token_s"): args.first_token_timeout,
         ("timeouts", "deadline_s"): args.deadline,
         ("health", "interval_s"): args.health_interval,
         ("retry", "max_attempts"): args.max_attempts,

@@ -50,6 +50,13 @@ class Strategy(StrEnum):
     PRIORITY = "priority"
 
 
+class Continuation(StrEnum):
+    """Whether an upstream can finish an answer another upstream started."""
+
+    NONE = "none"
+    PREFILL = "prefill"
+
+
 class ConfigError(Exception):
     """Configuration that cannot be loaded; the message is one line for the operator."""
 
@@ -68,6 +75,9 @@ class UpstreamSettings(_Frozen):
     headers: dict[str, str] = Field(default_factory=dict)
     health_path: str | None = "/health"
     max_inflight: int | None = Field(None, ge=1)
+    # `prefill`: accepts an assistant message to continue (vLLM's and SGLang's
+    # continue_final_message), so a stream cut elsewhere can be finished here.
+    continuation: Continuation = Continuation.NONE
 
     @field_validator("url")
     @classmethod
@@ -164,6 +174,9 @@ class TimeoutSettings(_Frozen):
     attempt_s: float = Field(120.0, gt=0)
     # Longest silence between two response chunks once the response has started.
     idle_s: float = Field(60.0, gt=0)
+    # Streams: from sending the request to the first content event, per attempt. Past it the
+    # attempt is abandoned and retried, since the client has seen nothing yet.
+    first_token_s: float = Field(60.0, gt=0)
     # Optional bound on everything before the response starts (all attempts and backoff).
     deadline_s: float | None = Field(None, gt=0)
     # Clients may lower the deadline per request with this header (seconds).
@@ -173,6 +186,21 @@ class TimeoutSettings(_Frozen):
     @classmethod
     def _check_deadline_header(cls, value: str) -> str:
         return check_header_name(value)
+
+
+class StreamCommit(StrEnum):
+    """When a streamed (SSE) response is committed to the client, ending failover before it."""
+
+    FIRST_EVENT = "first_event"  # at the first event that carries output
+    HEADERS = "headers"  # at the upstream's response headers
+
+
+class StreamSettings(_Frozen):
+    """How Server-Sent Event responses are relayed."""
+
+    commit: StreamCommit = StreamCommit.FIRST_EVENT
+    # Most bytes held before the first content event; past it the stream is committed anyway.
+    max_held_bytes: int = Field(65536, ge=1024)
 
 
 class RetrySettings(_Frozen):
@@ -267,6 +295,7 @@ class GatewaySettings(BaseSettings):
     admin_port: int = Field(9901, ge=0, le=65535)
     strategy: Strategy = Strategy.LATENCY
     timeouts: TimeoutSettings = TimeoutSettings()
+    stream: StreamSettings = StreamSettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     outlier: OutlierSettings = OutlierSettings()

@@ -19,6 +19,8 @@ from gateway.policy.upstreams import Pool
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# How a continuation of a cut stream on this upstream went.
+CONTINUATION_RESULTS = ("continued", "refused", "failed")
 # Transitions into these states count as an ejection, labelled by what caused it.
 EJECTION_REASONS = {
     State.EJECTED: "consecutive_failures",
@@ -31,11 +33,13 @@ EJECTION_REASONS = {
 class UpstreamMetrics:
     """Label children of one upstream, bound once."""
 
-    __slots__ = ("checks", "ejections", "outcomes", "stream_aborts", "ttfb")
+    __slots__ = ("checks", "continuations", "ejections", "outcomes", "stream_aborts", "ttfb", "ttft")
 
     def __init__(self, m: GatewayMetrics, name: str) -> None:
         self.outcomes = {o: m.upstream_requests.labels(name, o.value) for o in Outcome}
         self.ttfb = m.upstream_ttfb.labels(name)
+        self.ttft = m.upstream_ttft.labels(name)
+        self.continuations = {r: m.continuations.labels(name, r) for r in CONTINUATION_RESULTS}
         self.stream_aborts = m.stream_aborts.labels(name)
         self.ejections = {s: m.ejections.labels(name, r) for s, r in EJECTION_REASONS.items()}
         self.checks = {ok: m.health_checks.labels(name, "pass" if ok else "fail") for ok in (1, 0)}
@@ -71,6 +75,22 @@ class GatewayMetrics:
             "Time from attempt start to upstream response headers.",
             ["upstream"],
             buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_ttft = Histogram(
+            "gateway_upstream_ttft_seconds",
+            "Time from attempt start to the first content event of a stream, or to the response "
+            "headers of a response that is not a stream (there the headers come after the whole "
+            "generation).",
+            ["upstream"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.continuations = Counter(
+            "gateway_stream_continuations",
+            "Cut streams sent to this upstream to be finished, by result (continued: it answered; "
+            "refused: it rejected the continuation; failed: it failed before any output).",
+            ["upstream", "result"],
             registry=registry,
         )
         self.retries = Counter(

@@ -2,8 +2,12 @@
 
 Per request: read (and, if small enough, buffer) the body; then up to max_attempts times ask the
 pool for an upstream, send the request, classify what came back, record it, and ask the retry
-policy whether to go on. Once response headers are accepted, stream the body to the client chunk
-by chunk; from then on failover is over, and a failure mid-body ends the stream visibly.
+policy whether to go on. A response is committed to the client at its headers, except a
+Server-Sent Events stream, which is held until its first content event (`stream.commit`), so a
+stream that fails before any output (an error event, a cut, no first token in time) is retried
+like a failure before headers. After the commit the body is relayed chunk by chunk (for a
+stream, event by event); a stream that fails then is continued on an upstream that accepts
+prefill when there is one, and otherwise ends with an error event, never a clean end.
 Each attempt's hold on shared state (the upstream's in-flight count, a retry slot, the open
 response) is owned by one `_Attempt`, and given back before waiting to admit the next.
 """
@@ -22,7 +26,7 @@ from types import TracebackType
 
 import orjson
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, StreamCommit
 from gateway.errors import (
     BadRequest,
     ClientTimeout,
@@ -50,6 +54,8 @@ from gateway.policy.classify import Outcome, classify_status
 from gateway.policy.retry import GiveUp, GiveUpReason, Retry, RetryPolicy, backoff_s
 from gateway.policy.upstreams import Choice, Pool, Upstream
 from gateway.retry_gate import RetryGate
+from gateway.stream.continuation import Transcript, continuation_body, splice
+from gateway.stream.events import Event, EventScanner, Kind
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
@@ -70,6 +76,22 @@ class _AttemptFailed(Exception):
         self.outcome = outcome
         self.detail = detail
         self.deadline_hit = deadline_hit
+
+
+@dataclass(slots=True)
+class _StreamStart:
+    """A held stream at its commit point: the events so far (preamble and first output)."""
+
+    scanner: EventScanner
+    events: list[Event]
+
+
+@dataclass(slots=True)
+class _StreamFailure:
+    """How a committed stream failed."""
+
+    outcome: Outcome
+    detail: str
 
 
 @dataclass(slots=True)
@@ -109,20 +131,22 @@ class _Attempt:
     the slot, the response, the upstream's counts.
     """
 
-    __slots__ = ("_gate", "_started", "response", "upstream")
+    __slots__ = ("_gate", "_started", "held", "response", "sent_at", "upstream")
 
     def __init__(self, upstream: Upstream, gate: RetryGate | None, now: float) -> None:
         self.upstream = upstream
         self._gate = gate
         self._started = now
         self.response: UpstreamResponse | None = None
+        self.sent_at = now  # when the request went out (after any backoff)
+        self.held = False  # a stream held until its first content event; not recorded yet
 
     def __enter__(self) -> _Attempt:
         self.upstream.attempt_started(self, self._started)
         return self
 
     def headers_in(self) -> None:
-        """The response headers arrived: no longer waiting."""
+        """The response headers (or a held stream's first content event) arrived: no longer waiting."""
         self.upstream.waiting.pop(self, None)
 
     def release_slot(self) -> None:
@@ -205,6 +229,10 @@ class Proxy:
         t = settings.timeouts
         self._attempt_timeout_s = t.attempt_s
         self._idle_s = t.idle_s
+        self._first_token_s = t.first_token_s
+        self._hold_streams = settings.stream.commit is StreamCommit.FIRST_EVENT
+        self._max_held_bytes = settings.stream.max_held_bytes
+        self._can_continue = any(up.continues for up in pool.upstreams)
         self._deadline_s = t.deadline_s
         self._deadline_header = t.deadline_header
         self._deadline_key = t.deadline_header.lower().encode()
@@ -275,14 +303,19 @@ class Proxy:
             # Every attempt after the first runs on a retry slot taken by _admit_retry.
             gate = self._retry_gate if ex.attempts > 0 else None
             with _Attempt(up, gate, self._clock()) as attempt:
-                failure = await self._try(attempt, request, fields, ex, body, deadline)
+                failure = await self._try(attempt, request, fields, ex, body, deadline, self._hold_streams)
                 resp = attempt.response
+                if resp is not None and attempt.held:
+                    start = await self._first_event(attempt, resp, ex, deadline)
+                    if isinstance(start, _StreamStart):
+                        return await self._relay(request, fields, responder, resp, up, ex, body, start)
+                    failure, resp = start, None  # nothing reached the client: retried as before headers
                 if resp is not None:
                     if resp.status < 400:
-                        return await self._relay(request, responder, resp, up, ex)
+                        return await self._relay(request, fields, responder, resp, up, ex, body)
                     decision = self._decide(ex, classify_status(resp.status), resp.status, body, deadline)
                     if isinstance(decision, GiveUp) or not await self._hold(resp):
-                        return await self._relay(request, responder, resp, up, ex)
+                        return await self._relay(request, fields, responder, resp, up, ex, body)
                     # Held whole in memory: the connection is free while the retry is admitted.
                     attempt.response = None
                 else:
@@ -294,7 +327,7 @@ class Proxy:
                 if resp is None:
                     assert failure is not None
                     raise self._attempt_error(failure, up, ex)
-                return await self._relay(request, responder, resp, up, ex)
+                return await self._relay(request, fields, responder, resp, up, ex, body)
 
     async def _try(
         self,
@@ -304,8 +337,12 @@ class Proxy:
         ex: _Exchange,
         body: _Body,
         deadline: float | None,
+        hold_stream: bool,
     ) -> _AttemptFailed | None:
-        """Run one attempt up to its response headers: the response goes to `attempt`, or a failure."""
+        """Run one attempt up to its response headers: the response goes to `attempt`, or a failure.
+
+        With `hold_stream`, a 2xx event stream is left held (`attempt.held`) for `_first_event`.
+        """
         up = attempt.upstream
         block = self._upstream_fields(request, fields, ex, up)
         same_upstream = up in ex.tried
@@ -316,8 +353,10 @@ class Proxy:
                 delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
                 if delay:
                     await asyncio.sleep(delay)
-            attempt.response = await self._send(request, up, block, body, ex, deadline)
-            attempt.headers_in()
+            attempt.sent_at = self._clock()
+            attempt.response = await self._send(attempt, request, block, body, ex, deadline, hold_stream)
+            if not attempt.held:
+                attempt.headers_in()
         except _AttemptFailed as failed:
             return failed
         finally:
@@ -380,12 +419,24 @@ class Proxy:
         return choice
 
     async def _send(
-        self, request: Request, up: Upstream, block: bytes, body: _Body, ex: _Exchange, deadline: float | None
+        self,
+        attempt: _Attempt,
+        request: Request,
+        block: bytes,
+        body: _Body,
+        ex: _Exchange,
+        deadline: float | None,
+        hold_stream: bool,
     ) -> UpstreamResponse:
-        """One attempt up to response headers; records its outcome in pool and metrics."""
+        """One attempt up to response headers; records its outcome in pool and metrics.
+
+        A 2xx event stream with `hold_stream` is not recorded yet: its outcome and latency are
+        known at its first content event (`_first_event`).
+        """
+        up = attempt.upstream
         timeout_s = self._attempt_timeout_s
         deadline_bound = False
-        started = self._clock()
+        started = attempt.sent_at
         if deadline is not None and deadline - started < timeout_s:
             timeout_s = deadline - started
             deadline_bound = True
@@ -429,13 +480,20 @@ class Proxy:
             ex.attempts += 1
         now = self._clock()
         ttfb = now - started
-        outcome = classify_status(resp.status)
+        um.ttfb.observe(ttfb)
+        status = resp.status
+        is_stream = _is_event_stream(resp.fields)
+        if hold_stream and 200 <= status < 300 and is_stream and request.method != b"HEAD":
+            attempt.held = True
+            return resp
+        outcome = classify_status(status)
         retry_after = None
         if outcome is Outcome.RATE_LIMITED:
             retry_after = parse_retry_after(field_value(resp.fields, b"retry-after"), self._wall_clock())
         self._pool.record(up, outcome, now, ttfb, retry_after)
         um.outcomes[outcome].inc()
-        um.ttfb.observe(ttfb)
+        if not is_stream:
+            um.ttft.observe(ttfb)  # the whole generation, for a response that is not a stream
         return resp
 
     def _attempt_error(self, failed: _AttemptFailed, up: Upstream, ex: _Exchange) -> GatewayError:
@@ -450,15 +508,90 @@ class Proxy:
             return UpstreamTimeout(message, retry_after_s=retry_after)
         return UpstreamUnavailable(message, retry_after_s=retry_after)
 
+    async def _first_event(
+        self, attempt: _Attempt, resp: UpstreamResponse, ex: _Exchange, deadline: float | None
+    ) -> _StreamStart | _AttemptFailed:
+        """Hold a stream until its first content event (the commit point), or fail the attempt.
+
+        Records the attempt: a success with the time to that event (the TTFT the latency
+        estimate uses for streams), or the failure that ended it before any output.
+        """
+        up = attempt.upstream
+        first_by = attempt.sent_at + self._first_token_s
+        deadline_bound = deadline is not None and deadline < first_by
+        if deadline is not None and deadline_bound:
+            first_by = deadline
+        scanner = EventScanner()
+        events: list[Event] = []
+        outcome = Outcome.TIMEOUT
+        try:
+            async with asyncio.timeout(max(0.0, first_by - self._clock())) as scope:
+                detail = await self._scan_to_output(resp, scanner, events)
+            outcome = Outcome.STREAM_ERROR
+        except TimeoutError:
+            if scope.expired():
+                detail = f"no output within {first_by - attempt.sent_at:.3g} s"
+            else:
+                detail = "idle timeout before any output"
+        except UpstreamError as exc:
+            outcome = _outcome_of(exc)
+            detail = f"{type(exc).__name__} before any output"
+        now = self._clock()
+        um = self._metrics.per_upstream[up.name]
+        if detail is None:
+            ttft = now - attempt.sent_at
+            attempt.headers_in()
+            self._pool.record(up, Outcome.SUCCESS, now, ttft)
+            um.outcomes[Outcome.SUCCESS].inc()
+            um.ttft.observe(ttft)
+            return _StreamStart(scanner, events)
+        hit = deadline_bound and outcome is Outcome.TIMEOUT
+        if hit and ex.client_deadline:
+            outcome = Outcome.ABANDONED  # the client's own deadline says nothing about the upstream
+        else:
+            self._pool.record(up, outcome, now, now - attempt.sent_at)
+        um.outcomes[outcome].inc()
+        return _AttemptFailed(outcome, detail, hit)
+
+    async def _scan_to_output(
+        self, resp: UpstreamResponse, scanner: EventScanner, events: list[Event]
+    ) -> str | None:
+        """Read events into `events` until one carries output (None) or the stream fails (why)."""
+        held = 0
+        data = resp.take_buffered()
+        while True:
+            if data:
+                held += len(data)
+                fresh = scanner.feed(data)
+                events += fresh  # all of them: those after the first output follow it
+                for event in fresh:
+                    kind = event.kind
+                    if kind is Kind.CONTENT or kind is Kind.FINISH:
+                        return None
+                    if kind is Kind.ERROR:
+                        return f"error event before any output: {event.error}"
+                    if kind is Kind.MALFORMED:
+                        return event.error
+                    if kind is Kind.DONE:
+                        return "the stream ended before any output"
+                if held > self._max_held_bytes:
+                    return None  # preamble past the hold limit: commit rather than buffer more
+            data = await resp.read()
+            if not data:
+                return "the stream ended before any output"
+
     async def _relay(
         self,
         request: Request,
+        fields: RequestFields,
         responder: Responder,
         resp: UpstreamResponse,
         up: Upstream,
         ex: _Exchange,
+        body: _Body,
+        start: _StreamStart | None = None,
     ) -> int:
-        """Stream the upstream response to the client; failover is over once this starts."""
+        """Send the upstream response to the client; failover before the commit point is over."""
         out = client_response_fields(resp.fields)
         tracing = b"X-Request-ID: %b\r\nX-Gateway-Upstream: %b\r\nX-Gateway-Attempts: %d\r\n" % (
             ex.request_id,
@@ -467,6 +600,14 @@ class Proxy:
         )
         responder.start(resp.status, resp.reason, out.block + tracing, out.content_length)
         try:
+            if start is not None or (
+                200 <= resp.status < 300
+                and out.content_type is not None
+                and out.content_type.startswith(_SSE)
+                and request.method != b"HEAD"
+            ):
+                await self._relay_events(request, fields, responder, resp, up, ex, body, start)
+                return resp.status
             data = resp.take_buffered()
             if resp.complete:
                 await responder.write(data)
@@ -475,22 +616,19 @@ class Proxy:
             if data:
                 await responder.write(data)
             else:
-                responder.flush()  # headers now: the first body bytes may take a while (SSE)
-            is_sse = out.content_type is not None and out.content_type.startswith(_SSE)
-            ended_on_boundary = not data or data.endswith((b"\n\n", b"\r\n\r\n"))
+                responder.flush()  # headers now: the first body bytes may take a while
             while True:
                 try:
                     chunk = await resp.read()
                 except UpstreamError as exc:
-                    timed_out = isinstance(exc, TimeoutError)
-                    outcome = Outcome.TIMEOUT if timed_out else Outcome.RESET
-                    detail = "idle timeout" if timed_out else type(exc).__name__
-                    await self._abort_stream(responder, up, outcome, detail, is_sse, ended_on_boundary)
+                    failure = _mid_body_failure(exc)
+                    self._stream_failed(up, failure)
+                    # Closing without the final chunk (or short of Content-Length) tells the client
+                    # the body is truncated; a clean end would pass a partial body off as complete.
+                    responder.abort()
                     return resp.status
                 if not chunk:
                     break
-                if is_sse:
-                    ended_on_boundary = chunk.endswith((b"\n\n", b"\r\n\r\n"))
                 await responder.write(chunk)
             responder.end()
         except ConnectionResetError:
@@ -498,34 +636,157 @@ class Proxy:
             self._metrics.client_disconnects.inc()
         return resp.status
 
-    async def _abort_stream(
+    async def _relay_events(
+        self,
+        request: Request,
+        fields: RequestFields,
+        responder: Responder,
+        resp: UpstreamResponse,
+        up: Upstream,
+        ex: _Exchange,
+        body: _Body,
+        start: _StreamStart | None,
+    ) -> None:
+        """Relay a committed stream event by event; continue it elsewhere if it fails."""
+        transcript = Transcript()
+        if start is None:
+            scanner = EventScanner()
+            events = scanner.feed(resp.take_buffered())
+            if not events:
+                responder.flush()  # headers now: the first event may take a while
+        else:
+            scanner, events = start.scanner, start.events
+        failure = await self._pump(responder, resp, scanner, events, transcript, None)
+        while failure is not None:
+            self._stream_failed(up, failure)
+            continued = await self._continue(request, fields, responder, ex, body, transcript)
+            if continued is None:
+                await self._write_error_event(responder, up, failure)
+                break
+            if continued[1] is None:
+                break
+            up, failure = continued
+        responder.end()
+
+    async def _pump(
         self,
         responder: Responder,
-        up: Upstream,
-        outcome: Outcome,
-        detail: str,
-        is_sse: bool,
-        ended_on_boundary: bool,
-    ) -> None:
-        """The upstream failed mid-body: make that visible to the client, never a clean end."""
-        now = self._clock()
-        self._pool.record(up, outcome, now, 0.0)
+        resp: UpstreamResponse,
+        scanner: EventScanner,
+        events: list[Event],
+        transcript: Transcript,
+        produced_before: int | None,
+    ) -> _StreamFailure | None:
+        """Pass whole events to the client until the stream ends (None) or fails.
+
+        `produced_before` is set for a continuation: its events are spliced into the stream.
+        Only whole, well-formed events are passed on; an answer that stops before it finished
+        is a failure, never a clean end.
+        """
+        while True:
+            out: list[bytes] = []
+            failure: _StreamFailure | None = None
+            for event in events:
+                kind = event.kind
+                if kind is Kind.ERROR or kind is Kind.MALFORMED:
+                    failure = _StreamFailure(Outcome.STREAM_ERROR, event.error)
+                    break
+                raw = event.raw if produced_before is None else splice(event, transcript, produced_before)
+                if raw is not None:
+                    out.append(raw)
+                    transcript.add(event)
+            if out:
+                await responder.write(out[0] if len(out) == 1 else b"".join(out))
+            if failure is not None:
+                return None if transcript.complete else failure
+            try:
+                chunk = await resp.read()
+            except UpstreamError as exc:
+                return None if transcript.complete else _mid_body_failure(exc)
+            if not chunk:
+                if transcript.complete or not scanner.openai:
+                    if scanner.pending and not transcript.complete:
+                        await responder.write(scanner.pending)  # a last event without its blank line
+                    return None
+                return _StreamFailure(Outcome.RESET, "the stream ended before the answer finished")
+            events = scanner.feed(chunk)
+
+    async def _continue(
+        self,
+        request: Request,
+        fields: RequestFields,
+        responder: Responder,
+        ex: _Exchange,
+        body: _Body,
+        transcript: Transcript,
+    ) -> tuple[Upstream, _StreamFailure | None] | None:
+        """Finish a cut answer on an upstream that accepts prefill; None if none could.
+
+        Each continuation is an attempt (within retry.max_attempts and the retry budget) and is
+        held to its own first content event. Returns the upstream that continued and how its
+        stream ended.
+        """
+        data = body.data
+        if not self._can_continue or not isinstance(data, (bytes, bytearray)):
+            return None
+        while ex.attempts < self._policy.max_attempts:
+            cont = continuation_body(request.path, data, transcript)
+            if cont is None:
+                return None
+            if not await self._retry_gate.acquire(self._budget_wait_s):
+                self._metrics.retries_skipped.labels(GiveUpReason.BUDGET_EXHAUSTED).inc()
+                return None
+            choice = self._pool.choose(self._clock(), self._rng, ex.tried, _continues)
+            if choice is None:
+                self._retry_gate.release()
+                return None
+            up = choice.upstream
+            results = self._metrics.per_upstream[up.name].continuations
+            with _Attempt(up, self._retry_gate, self._clock()) as attempt:
+                await self._try(attempt, request, fields, ex, _Body(cont, True), None, True)
+                resp = attempt.response
+                if resp is None:
+                    results["failed"].inc()
+                    continue
+                if not attempt.held:
+                    if 400 <= resp.status < 500 and resp.status != 429:
+                        results["refused"].inc()
+                        log.warning(
+                            "upstream %s refused to continue a cut stream (HTTP %d); "
+                            "the client gets the original error",
+                            up.name,
+                            resp.status,
+                        )
+                        return None
+                    results["failed"].inc()
+                    continue
+                start = await self._first_event(attempt, resp, ex, None)
+                if isinstance(start, _AttemptFailed):
+                    results["failed"].inc()
+                    continue
+                results["continued"].inc()
+                log.info("continuing a cut stream on upstream %s", up.name)
+                failure = await self._pump(
+                    responder, resp, start.scanner, start.events, transcript, transcript.chunks
+                )
+                return up, failure
+        return None
+
+    def _stream_failed(self, up: Upstream, failure: _StreamFailure) -> None:
+        """Record a failure after the commit point."""
+        self._pool.record(up, failure.outcome, self._clock(), 0.0)
         self._metrics.per_upstream[up.name].stream_aborts.inc()
-        log.warning("upstream %s failed mid-response (%s); ending the stream", up.name, detail)
-        if is_sse:
-            event = {
-                "error": {
-                    "type": "upstream_stream_error",
-                    "message": f"upstream {up.name!r} failed mid-stream ({detail})",
-                }
+        log.warning("upstream %s failed mid-response (%s)", up.name, failure.detail)
+
+    async def _write_error_event(self, responder: Responder, up: Upstream, failure: _StreamFailure) -> None:
+        """End a failed stream with an error event the client can see, never a clean end."""
+        event = {
+            "error": {
+                "type": "upstream_stream_error",
+                "message": f"upstream {up.name!r} failed mid-stream ({failure.detail})",
             }
-            prefix = b"" if ended_on_boundary else b"\n\n"
-            await responder.write(prefix + b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
-            responder.end()
-            return
-        # Closing without the final chunk (or short of Content-Length) tells the client the
-        # body is truncated; a clean end would pass a partial body off as complete.
-        responder.abort()
+        }
+        await responder.write(b"event: error\ndata: " + orjson.dumps(event) + b"\n\n")
 
     async def _read_body(self, request: Request, fields: RequestFields, body: _Body) -> None:
         """Buffer a body up to the replay limit so it can be retried; stream larger ones once.
@@ -614,6 +875,21 @@ class Proxy:
                 }
             ).decode()
         )
+
+
+def _is_event_stream(fields: list[tuple[bytes, bytes]]) -> bool:
+    value = field_value(fields, b"content-type")
+    return value is not None and value.lower().startswith("text/event-stream")
+
+
+def _continues(up: Upstream) -> bool:
+    return up.continues
+
+
+def _mid_body_failure(exc: UpstreamError) -> _StreamFailure:
+    if isinstance(exc, TimeoutError):
+        return _StreamFailure(Outcome.TIMEOUT, "idle timeout")
+    return _StreamFailure(Outcome.RESET, type(exc).__name__)
 
 
 async def _rest(

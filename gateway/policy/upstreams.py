@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
-from gateway.config import GatewaySettings, Strategy, UpstreamSettings
+from gateway.config import Continuation, GatewaySettings, Strategy, UpstreamSettings
 from gateway.policy.balancer import cost, pick
 from gateway.policy.classify import Outcome, is_failure
 from gateway.policy.ewma import PeakEwma
@@ -37,6 +37,7 @@ class Upstream:
 
     __slots__ = (
         "base_url",
+        "continues",
         "ewma",
         "headers",
         "health",
@@ -58,6 +59,7 @@ class Upstream:
         self.priority = cfg.priority
         self.weight = cfg.weight
         self.max_inflight = cfg.max_inflight
+        self.continues = cfg.continuation is Continuation.PREFILL  # can finish a cut stream
         self.headers = tuple(cfg.headers.items())
         self.health_path = cfg.health_path
         self.health = UpstreamHealth(settings.outlier, settings.health)
@@ -129,19 +131,30 @@ class Pool:
         self.by_name = {u.name: u for u in self.upstreams}
         self._on_transition = on_transition
 
-    def choose(self, now: float, rng: random.Random, tried: Collection[Upstream] = ()) -> Choice | None:
-        """Pick the upstream for the next attempt, or None when nothing can take it."""
-        cands, healthy = self._candidates(now, tried)
+    def choose(
+        self,
+        now: float,
+        rng: random.Random,
+        tried: Collection[Upstream] = (),
+        accept: Callable[[Upstream], bool] | None = None,
+    ) -> Choice | None:
+        """Pick the upstream for the next attempt, or None when nothing can take it.
+
+        With `accept`, only upstreams it accepts are candidates, and there is no panic mode.
+        """
+        cands, healthy = self._candidates(now, tried, accept)
         if cands:
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
             return Choice(pick(self.strategy, cands, rng), False)
-        if healthy:
+        if healthy or accept is not None:
             return None  # all healthy ones are full: shed load rather than panic
         return self._panic_choice(now, tried)
 
-    def _candidates(self, now: float, tried: Collection[Upstream]) -> tuple[list[Upstream], bool]:
+    def _candidates(
+        self, now: float, tried: Collection[Upstream], accept: Callable[[Upstream], bool] | None
+    ) -> tuple[list[Upstream], bool]:
         """Routable upstreams with capacity in the best tier (untried first), and if any is routable.
 
         One pass over the upstreams, since this runs for every request.
@@ -152,7 +165,7 @@ class Pool:
         retried: list[Upstream] = []
         retried_tier = _NO_TIER
         for u in self.upstreams:
-            if not u.health.routable(now):
+            if not u.health.routable(now) or (accept is not None and not accept(u)):
                 continue
             healthy = True
             if not u.has_capacity:

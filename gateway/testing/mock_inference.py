@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -18,6 +19,9 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+
+from gateway.testing import faults as fault_catalogue
+from gateway.testing.faults import Faults
 
 __all__ = ["MOCK_BEHAVIOUR", "MOCK_STATS", "MockBehaviour", "MockStats", "create_mock_app", "main"]
 
@@ -75,6 +79,8 @@ MOCK_BEHAVIOUR: Final = web.AppKey("mock_behaviour", MockBehaviour)
 MOCK_STATS: Final = web.AppKey("mock_stats", MockStats)
 _RNG: Final = web.AppKey("mock_rng", random.Random)
 _IDS: Final[web.AppKey[itertools.count[int]]] = web.AppKey("mock_ids")
+_ONCE: Final[web.AppKey[set[str]]] = web.AppKey("mock_faults_seen")
+_TOKEN_RE: Final = re.compile(r"token\d+")
 
 _JSON: Final = "application/json"
 _DEFAULT_MODEL: Final = "mock-model"
@@ -96,8 +102,8 @@ _FLOAT_BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "rate_limit_rate": (0.0, 1.0),
 }
 
-# (request, behaviour, parsed JSON object ({} for /echo), raw body) -> response
-_Answer = Callable[[web.Request, MockBehaviour, dict[str, Any], bytes], Awaitable[web.StreamResponse]]
+# (request, behaviour, parsed JSON object ({} for /echo), raw body, its faults) -> response
+_Answer = Callable[[web.Request, MockBehaviour, dict[str, Any], bytes, Faults], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, behaviour: MockBehaviour, status: int = 200) -> web.Response:
@@ -149,6 +155,56 @@ async def _apply_knobs(request: web.Request, behaviour: MockBehaviour) -> web.Re
     return None
 
 
+_CONTEXT_LENGTH: Final = {
+    "message": "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+    "tokens (4000 in the messages, 1000 in the completion). Please reduce the length of the messages "
+    "or completion.",
+    "type": "invalid_request_error",
+    "param": "messages",
+    "code": "context_length_exceeded",
+}
+_CONTENT_FILTER: Final = {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content "
+    "management policy.",
+    "type": None,
+    "param": "prompt",
+    "code": "content_filter",
+    "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation"},
+}
+
+
+def _asks_prefill(payload: dict[str, Any]) -> bool:
+    return bool(payload.get("continue_final_message"))
+
+
+async def _apply_faults(
+    request: web.Request, behaviour: MockBehaviour, faults: Faults, payload: dict[str, Any]
+) -> web.Response | None:
+    """The response a request-level fault asks for, if any (stream faults apply later)."""
+    if faults.unknown:
+        msg = f"unknown {fault_catalogue.HEADER}: {', '.join(faults.unknown)}"
+        return _error(behaviour, 400, "invalid_request_error", msg)
+    if faults.no_response:
+        await asyncio.get_running_loop().create_future()
+    if faults.reset:
+        _abort(request)
+        return web.Response(status=499)
+    if faults.status is not None:
+        resp = _error(behaviour, faults.status, "server_error", f"Injected HTTP {faults.status} (mock)")
+        if faults.retry_after_s is not None:
+            resp.headers["Retry-After"] = f"{faults.retry_after_s:g}"
+        return resp
+    if faults.error_kind == "context-length":
+        return _json({"error": _CONTEXT_LENGTH}, behaviour, 400)
+    if faults.error_kind == "content-filter":
+        return _json({"error": _CONTENT_FILTER}, behaviour, 400)
+    if faults.error_kind == "no-prefill" and _asks_prefill(payload):
+        msg = "continue_final_message is not supported by this server (mock)"
+        return _error(behaviour, 400, "invalid_request_error", msg, "continue_final_message")
+    return None
+
+
 async def _guarded(answer: _Answer, parse_json: bool, request: web.Request) -> web.StreamResponse:
     app = request.app
     behaviour = app[MOCK_BEHAVIOUR]
@@ -160,6 +216,7 @@ async def _guarded(answer: _Answer, parse_json: bool, request: web.Request) -> w
         stats.last_body = body
         payload: dict[str, Any] = {}
         resp: web.StreamResponse | None = None
+        faults = Faults()
         if parse_json:
             try:
                 parsed = orjson.loads(body)
@@ -171,9 +228,14 @@ async def _guarded(answer: _Answer, parse_json: bool, request: web.Request) -> w
                 msg = "Request body must be a JSON object"
                 resp = _error(behaviour, 400, "invalid_request_error", msg)
         if resp is None:
+            faults = fault_catalogue.parse(
+                request.headers.get(fault_catalogue.HEADER, ""), behaviour.name, app[_ONCE]
+            )
+            resp = await _apply_faults(request, behaviour, faults, payload)
+        if resp is None:
             resp = await _apply_knobs(request, behaviour)
         if resp is None:
-            resp = await answer(request, behaviour, payload, body)
+            resp = await answer(request, behaviour, payload, body, faults)
     except asyncio.CancelledError:
         stats.disconnects += 1
         raise
@@ -217,25 +279,52 @@ def _stamped(chunk: bytes, stamp: bool) -> bytes:
 
 
 async def _send_stream(
-    request: web.Request, behaviour: MockBehaviour, chunks: Sequence[bytes], final: bytes
+    request: web.Request,
+    behaviour: MockBehaviour,
+    role: bytes | None,
+    chunks: Sequence[bytes],
+    final: bytes,
+    faults: Faults,
 ) -> web.StreamResponse:
+    """Stream `role` (a role-only chunk, if any), the content `chunks`, `final` and [DONE].
+
+    The knobs `drop_after_chunks` and `chunk_interval_s`, and the request's stream faults, apply.
+    """
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     resp = web.StreamResponse(headers={**headers, "X-Mock-Name": behaviour.name})
     stats = request.app[MOCK_STATS]
     _count(stats, resp.status)
-    drop = behaviour.drop_after_chunks
+    stamp = behaviour.stamp_chunks
     interval = behaviour.chunk_interval_s
-    limit = len(chunks) if drop is None else min(drop, len(chunks))
+    drop = behaviour.drop_after_chunks if faults.cut_after is None else faults.cut_after
     try:
         await resp.prepare(request)
-        for i in range(limit):
+        if role is not None:
+            await resp.write(_stamped(role, stamp))
+        if faults.empty:
+            await resp.write(_DONE)
+            return resp
+        if faults.first_token_delay_s:
+            await asyncio.sleep(faults.first_token_delay_s)
+        for i, chunk in enumerate(chunks):
+            if i == drop:
+                _abort(request)
+                return resp
+            if i == faults.stall_after:
+                await asyncio.sleep(math.inf if faults.stall_s is None else faults.stall_s)
+            if i == faults.malformed_after:
+                await resp.write(b'data: {"choices": [{"delta": {"content": "\n\n')
+            if i == faults.error_event_after:
+                error = {"error": {"message": "Injected mid-stream error (mock)", "type": "server_error"}}
+                await resp.write(_sse(error))
+                return resp
             if i and interval > 0:
                 await asyncio.sleep(interval)
-            await resp.write(_stamped(chunks[i], behaviour.stamp_chunks))
-        if drop is not None:
+            await resp.write(_stamped(chunk, stamp))
+        if drop is not None and drop >= len(chunks):
             _abort(request)
             return resp
-        await resp.write(_stamped(final, behaviour.stamp_chunks) + _DONE)
+        await resp.write(_stamped(final, stamp) + (b"" if faults.no_done else _DONE))
     except ConnectionResetError:
         stats.disconnects += 1
     return resp
@@ -258,15 +347,33 @@ def _model(payload: dict[str, Any]) -> str:
     return model if isinstance(model, str) and model else _DEFAULT_MODEL
 
 
+def _prefilled_tokens(payload: dict[str, Any], chat: bool) -> int:
+    """Tokens of an answer the request asks to continue (vLLM's continue_final_message, or a
+    completion prompt ending in the mock's tokens), so a continuation picks up where it was cut."""
+    if chat:
+        messages = payload.get("messages")
+        if not _asks_prefill(payload) or not isinstance(messages, list) or not messages:
+            return 0
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            return 0
+        content = last.get("content")
+        return len(_TOKEN_RE.findall(content)) if isinstance(content, str) else 0
+    prompt = payload.get("prompt")
+    return len(_TOKEN_RE.findall(prompt)) if isinstance(prompt, str) else 0
+
+
 async def _answer_completion(
     request: web.Request,
     behaviour: MockBehaviour,
     payload: dict[str, Any],
     body: bytes,
+    faults: Faults,
     *,
     chat: bool,
 ) -> web.StreamResponse:
-    tokens = _tokens(_token_count(behaviour, payload))
+    start = _prefilled_tokens(payload, chat)
+    tokens = _tokens(start + _token_count(behaviour, payload))[start:]
     ids = request.app[_IDS]
     base = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{next(ids)}",
@@ -275,9 +382,12 @@ async def _answer_completion(
         "model": _model(payload),
     }
     if payload.get("stream") is True:
+        role: bytes | None = None
         if chat:
             deltas: list[dict[str, Any]] = [{"content": t} for t in tokens]
-            if deltas:
+            if faults.first_token_delay_s or faults.empty:
+                role = _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            elif deltas:
                 deltas[0] = {"role": "assistant", "content": tokens[0]}
             chunks = [
                 _sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in deltas
@@ -288,7 +398,16 @@ async def _answer_completion(
                 _sse({**base, "choices": [{"index": 0, "text": t, "finish_reason": None}]}) for t in tokens
             ]
             last = {"index": 0, "text": "", "finish_reason": "stop"}
-        return await _send_stream(request, behaviour, chunks, _sse({**base, "choices": [last]}))
+        final: dict[str, Any] = {**base, "choices": [last]}
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            prompt_tokens = max(1, len(body) // 4)
+            final["usage"] = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+            }
+        return await _send_stream(request, behaviour, role, chunks, _sse(final), faults)
     text = "".join(tokens)
     if chat:
         base["object"] = "chat.completion"
@@ -306,7 +425,7 @@ async def _answer_completion(
 
 
 async def _answer_embeddings(
-    request: web.Request, behaviour: MockBehaviour, payload: dict[str, Any], body: bytes
+    request: web.Request, behaviour: MockBehaviour, payload: dict[str, Any], body: bytes, faults: Faults
 ) -> web.StreamResponse:
     raw = payload.get("input")
     items = [raw] if isinstance(raw, str) else raw
@@ -323,7 +442,7 @@ async def _answer_embeddings(
 
 
 async def _answer_echo(
-    request: web.Request, behaviour: MockBehaviour, payload: dict[str, Any], body: bytes
+    request: web.Request, behaviour: MockBehaviour, payload: dict[str, Any], body: bytes, faults: Faults
 ) -> web.StreamResponse:
     result = {
         "method": request.method,
@@ -423,6 +542,7 @@ def create_mock_app(behaviour: MockBehaviour | None = None, *, seed: int | None 
     app[MOCK_STATS] = MockStats()
     app[_RNG] = random.Random(seed)
     app[_IDS] = itertools.count(1)
+    app[_ONCE] = set()
     router = app.router
     chat = functools.partial(_answer_completion, chat=True)
     text = functools.partial(_answer_completion, chat=False)

@@ -51,7 +51,7 @@ def test_is_failure_agrees_with_classify_status_across_all_statuses() -> None:
 def test_transport_failures_are_failures_but_not_http_5xx() -> None:
     assert TRANSPORT_FAILURES < FAILURES
     assert Outcome.HTTP_5XX not in TRANSPORT_FAILURES
-    assert {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.RESET} == TRANSPORT_FAILURES
+    assert {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.RESET, Outcome.STREAM_ERROR} == TRANSPORT_FAILURES
 
 
 def test_outcome_values_are_stable_metric_labels() -> None:
@@ -63,6 +63,7 @@ def test_outcome_values_are_stable_metric_labels() -> None:
         "connect_error",
         "timeout",
         "reset",
+        "stream_error",
         "abandoned",
     }
     assert str(Outcome.RATE_LIMITED) == "rate_limited"
