@@ -78,6 +78,9 @@ class UpstreamSettings(_Frozen):
     # `prefill`: accepts an assistant message to continue (vLLM's and SGLang's
     # continue_final_message), so a stream cut elsewhere can be finished here.
     continuation: Continuation = Continuation.NONE
+    # Context window in tokens: a request another upstream refused as too long is retried on an
+    # upstream with a larger one (or on the next tier).
+    max_context: int | None = Field(None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -214,6 +217,8 @@ class RetrySettings(_Frozen):
     budget_min_concurrency: int = Field(3, ge=0)
     # A retry over budget waits this long for a slot before the request gives up (see retry_gate.py).
     budget_wait_s: float = Field(1.0, ge=0)
+    # A 429 whose Retry-After is at most this is waited out and retried in the same tier.
+    max_retry_after_wait_s: float = Field(2.0, ge=0)
     # A body up to this size is buffered so it can be replayed; larger ones stream once.
     replay_buffer_bytes: int = Field(16 * MIB, ge=0)
     # Cap on all buffered bodies together, so a burst of large prompts cannot exhaust memory.

@@ -51,6 +51,7 @@ from gateway.http.server import Request, RequestBody, RequestTimeout, Responder
 from gateway.http.target import escapes_prefix
 from gateway.metrics import GatewayMetrics
 from gateway.policy.classify import Outcome, classify_status
+from gateway.policy.rejections import Rejection, classify_rejection
 from gateway.policy.retry import GiveUp, GiveUpReason, Retry, RetryPolicy, backoff_s
 from gateway.policy.upstreams import Choice, Pool, Upstream
 from gateway.retry_gate import RetryGate
@@ -220,6 +221,7 @@ class Proxy:
         self._metrics = metrics
         self._retry_gate = retry_gate
         self._budget_wait_s = settings.retry.budget_wait_s
+        self._max_retry_after_wait_s = settings.retry.max_retry_after_wait_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
@@ -303,26 +305,31 @@ class Proxy:
             # Every attempt after the first runs on a retry slot taken by _admit_retry.
             gate = self._retry_gate if ex.attempts > 0 else None
             with _Attempt(up, gate, self._clock()) as attempt:
-                failure = await self._try(attempt, request, fields, ex, body, deadline, self._hold_streams)
+                failure = await self._try(
+                    attempt, request, fields, ex, body, deadline, self._hold_streams, choice.wait_s
+                )
                 resp = attempt.response
                 if resp is not None and attempt.held:
                     start = await self._first_event(attempt, resp, ex, deadline)
                     if isinstance(start, _StreamStart):
                         return await self._relay(request, fields, responder, resp, up, ex, body, start)
                     failure, resp = start, None  # nothing reached the client: retried as before headers
+                accept: Callable[[Upstream], bool] | None = None
+                decision: Retry | GiveUp
                 if resp is not None:
-                    if resp.status < 400:
+                    judged = None if resp.status < 400 else await self._judge(resp, up, ex, body, deadline)
+                    if judged is None:
                         return await self._relay(request, fields, responder, resp, up, ex, body)
-                    decision = self._decide(ex, classify_status(resp.status), resp.status, body, deadline)
-                    if isinstance(decision, GiveUp) or not await self._hold(resp):
-                        return await self._relay(request, fields, responder, resp, up, ex, body)
+                    decision, accept = judged
                     # Held whole in memory: the connection is free while the retry is admitted.
                     attempt.response = None
                 else:
                     assert failure is not None
                     decision = self._decide(ex, failure.outcome, None, body, deadline)
             # The attempt has given back everything it held: nothing waits on the budget held.
-            choice = None if isinstance(decision, GiveUp) else await self._admit_retry(ex, decision, deadline)
+            choice = None
+            if not isinstance(decision, GiveUp):
+                choice = await self._admit_retry(ex, decision, deadline, accept)
             if choice is None:
                 if resp is None:
                     assert failure is not None
@@ -338,10 +345,13 @@ class Proxy:
         body: _Body,
         deadline: float | None,
         hold_stream: bool,
+        wait_s: float = 0.0,
     ) -> _AttemptFailed | None:
         """Run one attempt up to its response headers: the response goes to `attempt`, or a failure.
 
         With `hold_stream`, a 2xx event stream is left held (`attempt.held`) for `_first_event`.
+        A retry on the same upstream waits a backoff, or `wait_s` (the rest of a short rate-limit
+        cooldown) if longer.
         """
         up = attempt.upstream
         block = self._upstream_fields(request, fields, ex, up)
@@ -350,7 +360,7 @@ class Proxy:
         ex.tried.append(up)
         try:
             if ex.attempts > 1:
-                delay = backoff_s(ex.attempts - 1, same_upstream, self._rng)
+                delay = max(wait_s, backoff_s(ex.attempts - 1, same_upstream, self._rng))
                 if delay:
                     await asyncio.sleep(delay)
             attempt.sent_at = self._clock()
@@ -381,7 +391,13 @@ class Proxy:
         return block
 
     def _decide(
-        self, ex: _Exchange, outcome: Outcome, status: int | None, body: _Body, deadline: float | None
+        self,
+        ex: _Exchange,
+        outcome: Outcome,
+        status: int | None,
+        body: _Body,
+        deadline: float | None,
+        rejection: Rejection | None = None,
     ) -> Retry | GiveUp:
         """Whether the failed attempt is tried again (the budget is asked later, if so)."""
         decision = self._policy.decide(
@@ -390,6 +406,7 @@ class Proxy:
             status=status,
             body_replayable=body.replayable,
             deadline_left_s=None if deadline is None else deadline - self._clock(),
+            rejection=rejection,
         )
         if isinstance(decision, GiveUp) and decision.reason.skipped:
             self._metrics.retries_skipped.labels(decision.reason).inc()
@@ -402,15 +419,49 @@ class Proxy:
         except UpstreamError:
             return False  # relayed as far as it goes; the client sees the truncation
 
-    async def _admit_retry(self, ex: _Exchange, decision: Retry, deadline: float | None) -> Choice | None:
-        """The upstream for the retry, once the budget admits it; None to answer with what we have."""
+    async def _judge(
+        self, resp: UpstreamResponse, up: Upstream, ex: _Exchange, body: _Body, deadline: float | None
+    ) -> tuple[Retry, Callable[[Upstream], bool] | None] | None:
+        """Whether an error response is retried, and where; None to answer with it now.
+
+        A retried one is held whole first. A context-window error goes only to an upstream with a
+        larger context or a later tier.
+        """
+        outcome = classify_status(resp.status)
+        rejection = await self._rejection(resp) if outcome is Outcome.HTTP_4XX else None
+        decision = self._decide(ex, outcome, resp.status, body, deadline, rejection)
+        if isinstance(decision, GiveUp) or not await self._hold(resp):
+            return None
+        return decision, _larger_context_than(up) if rejection is Rejection.CONTEXT_LENGTH else None
+
+    async def _rejection(self, resp: UpstreamResponse) -> Rejection | None:
+        """What a 4xx body says (too long for the context, a content policy), if small enough to read."""
+        if not await self._hold(resp):
+            return None
+        return classify_rejection(resp.peek())
+
+    async def _admit_retry(
+        self,
+        ex: _Exchange,
+        decision: Retry,
+        deadline: float | None,
+        accept: Callable[[Upstream], bool] | None = None,
+    ) -> Choice | None:
+        """The upstream for the retry, once the budget admits it; None to answer with what we have.
+
+        With `accept`, only upstreams it accepts may take the retry.
+        """
         now = self._clock()
         wait_s = self._budget_wait_s if deadline is None else min(self._budget_wait_s, deadline - now)
         if not await self._retry_gate.acquire(wait_s):
             self._metrics.retries_skipped.labels(GiveUpReason.BUDGET_EXHAUSTED).inc()
             return None
         # Choose only after any wait for the budget, so the pick reflects the pool as it is now.
-        choice = self._pool.choose(self._clock(), self._rng, ex.tried)
+        now = self._clock()
+        wait_up_to_s = self._max_retry_after_wait_s
+        if deadline is not None:
+            wait_up_to_s = min(wait_up_to_s, deadline - now)
+        choice = self._pool.choose(now, self._rng, ex.tried, accept, wait_up_to_s)
         if choice is None:
             self._retry_gate.release()
             self._metrics.retries_skipped.labels(GiveUpReason.NO_UPSTREAM).inc()
@@ -880,6 +931,16 @@ class Proxy:
 def _is_event_stream(fields: list[tuple[bytes, bytes]]) -> bool:
     value = field_value(fields, b"content-type")
     return value is not None and value.lower().startswith("text/event-stream")
+
+
+def _larger_context_than(failed: Upstream) -> Callable[[Upstream], bool]:
+    """Upstreams worth a retry of a request too long for `failed`: a larger context, or a later tier."""
+    limit = failed.max_context or 0
+
+    def accept(up: Upstream) -> bool:
+        return (up.max_context or 0) > limit or up.priority > failed.priority
+
+    return accept
 
 
 def _continues(up: Upstream) -> bool:

@@ -154,6 +154,13 @@ class BodyBuffer:
             self._source.resume_reading()
         return data
 
+    def peek(self) -> bytes:
+        """Whatever has arrived and not been read, left in place."""
+        chunks = self._chunks
+        if len(chunks) > 1:
+            chunks[:] = [b"".join(chunks)]
+        return chunks[0] if chunks else b""
+
     async def read(self) -> bytes:
         """The next bytes of the body; b"" once it has ended. Raises the error it failed with."""
         while not self._chunks:

@@ -1,8 +1,9 @@
 """Whether a failed attempt is tried again, and how long to wait first.
 
 The policy is asked only about attempts that failed before any of their response reached the
-client (a transport failure before response headers, or a 4xx/5xx status). It retries when all
-hold: the outcome is retryable (a transport failure, or a status in the configured list),
+client (a transport failure before response headers or before a stream's first content event,
+or a 4xx/5xx status). It retries when all hold: the outcome is retryable (a transport failure, a
+status in the configured list, or a context-window error; never a content-policy rejection),
 attempts remain, the request body can be replayed, and the deadline has not passed. The retry
 budget is applied after this decision (`budget.py`, and `gateway.retry_gate` that waits), since
 admission there may wait. Retries on another upstream go at once; a retry on the same upstream
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.policy.classify import TRANSPORT_FAILURES, Outcome
+from gateway.policy.rejections import Rejection
 
 BACKOFF_BASE_S = 0.025
 BACKOFF_MAX_S = 0.25
@@ -59,9 +61,15 @@ class RetryPolicy:
     max_attempts: int
     on_statuses: frozenset[int]
 
-    def retryable(self, outcome: Outcome, status: int | None) -> bool:
-        """True when this outcome is worth another attempt at all."""
-        if outcome in TRANSPORT_FAILURES:
+    def retryable(self, outcome: Outcome, status: int | None, rejection: Rejection | None = None) -> bool:
+        """True when this outcome is worth another attempt at all.
+
+        A content-policy rejection never is; a context-window error always is (on an upstream
+        with a larger context, which the caller chooses).
+        """
+        if rejection is Rejection.CONTENT_POLICY:
+            return False
+        if rejection is Rejection.CONTEXT_LENGTH or outcome in TRANSPORT_FAILURES:
             return True
         return status is not None and status in self.on_statuses
 
@@ -73,9 +81,11 @@ class RetryPolicy:
         status: int | None,
         body_replayable: bool,
         deadline_left_s: float | None,
+        rejection: Rejection | None = None,
     ) -> Retry | GiveUp:
-        """Decide after attempt number `attempt` (1-based) failed with `outcome` (and `status`)."""
-        if not self.retryable(outcome, status):
+        """Decide after attempt number `attempt` (1-based) failed with `outcome` (and `status`,
+        and for a 4xx what its body says, if read)."""
+        if not self.retryable(outcome, status, rejection):
             return GiveUp(GiveUpReason.NOT_RETRYABLE)
         if attempt >= self.max_attempts:
             return GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)

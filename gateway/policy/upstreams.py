@@ -1,8 +1,12 @@
 """The upstream pool: which upstream serves the next attempt, and what each outcome teaches us.
 
 Selection, in order:
-  1. Routable upstreams (healthy, not drained, below max_inflight), preferring ones this request
-     has not tried yet; among them the lowest priority tier; within it, the configured strategy.
+  1. Routable upstreams (healthy, not drained, below max_inflight) of the lowest priority tier,
+     by the configured strategy. A retry stays in its tier while the tier is not spent: another
+     untried upstream of the tier first, else the same ones again (after a backoff, or after a
+     short rate-limit cooldown: one ending within `wait_up_to_s`). A tier is spent once it has
+     had max(2, its upstreams) attempts of this request; only then does a retry move to the next
+     tier, so a blip on the primary does not send traffic to the expensive backup.
   2. Panic mode when none is routable: try the non-drained upstreams anyway, soonest available
      first, since a probably-broken upstream beats a certain error. A request never panics into an
      upstream it already tried, and max_inflight is never exceeded.
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from gateway.config import Continuation, GatewaySettings, Strategy, UpstreamSettings
@@ -44,6 +48,7 @@ class Upstream:
         "health_path",
         "index",
         "inflight",
+        "max_context",
         "max_inflight",
         "name",
         "priority",
@@ -59,6 +64,7 @@ class Upstream:
         self.priority = cfg.priority
         self.weight = cfg.weight
         self.max_inflight = cfg.max_inflight
+        self.max_context = cfg.max_context
         self.continues = cfg.continuation is Continuation.PREFILL  # can finish a cut stream
         self.headers = tuple(cfg.headers.items())
         self.health_path = cfg.health_path
@@ -105,10 +111,12 @@ class Upstream:
 
 
 class Choice(NamedTuple):
-    """The upstream for the next attempt, and whether it was picked in panic mode."""
+    """The upstream for the next attempt, whether it was picked in panic mode, and how long to
+    wait before sending (the rest of its rate-limit cooldown)."""
 
     upstream: Upstream
     panic: bool
+    wait_s: float = 0.0
 
 
 TransitionListener = Callable[[Upstream, Transition, float], None]
@@ -135,35 +143,39 @@ class Pool:
         self,
         now: float,
         rng: random.Random,
-        tried: Collection[Upstream] = (),
+        tried: Sequence[Upstream] = (),
         accept: Callable[[Upstream], bool] | None = None,
+        wait_up_to_s: float = 0.0,
     ) -> Choice | None:
         """Pick the upstream for the next attempt, or None when nothing can take it.
 
+        `tried` lists this request's earlier attempts, in order (an upstream once per attempt).
         With `accept`, only upstreams it accepts are candidates, and there is no panic mode.
         """
-        cands, healthy = self._candidates(now, tried, accept)
+        if tried:
+            cands, healthy, wait_s = self._retry_candidates(now, tried, accept, wait_up_to_s)
+        else:
+            cands, healthy = self._candidates(now, accept)
+            wait_s = 0.0
         if cands:
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
-            return Choice(pick(self.strategy, cands, rng), False)
+            return Choice(pick(self.strategy, cands, rng), False, wait_s)
         if healthy or accept is not None:
             return None  # all healthy ones are full: shed load rather than panic
         return self._panic_choice(now, tried)
 
     def _candidates(
-        self, now: float, tried: Collection[Upstream], accept: Callable[[Upstream], bool] | None
+        self, now: float, accept: Callable[[Upstream], bool] | None
     ) -> tuple[list[Upstream], bool]:
-        """Routable upstreams with capacity in the best tier (untried first), and if any is routable.
+        """Routable upstreams with capacity in the best tier, and whether any is routable.
 
         One pass over the upstreams, since this runs for every request.
         """
         healthy = False
-        fresh: list[Upstream] = []
-        fresh_tier = _NO_TIER
-        retried: list[Upstream] = []
-        retried_tier = _NO_TIER
+        best: list[Upstream] = []
+        best_tier = _NO_TIER
         for u in self.upstreams:
             if not u.health.routable(now) or (accept is not None and not accept(u)):
                 continue
@@ -171,18 +183,64 @@ class Pool:
             if not u.has_capacity:
                 continue
             tier = u.priority
-            if tried and u in tried:
-                if tier < retried_tier:
-                    retried_tier, retried = tier, [u]
-                elif tier == retried_tier:
-                    retried.append(u)
-            elif tier < fresh_tier:
-                fresh_tier, fresh = tier, [u]
-            elif tier == fresh_tier:
-                fresh.append(u)
-        return fresh or retried, healthy
+            if tier < best_tier:
+                best_tier, best = tier, [u]
+            elif tier == best_tier:
+                best.append(u)
+        return best, healthy
 
-    def _panic_choice(self, now: float, tried: Collection[Upstream]) -> Choice | None:
+    def _retry_candidates(
+        self,
+        now: float,
+        tried: Sequence[Upstream],
+        accept: Callable[[Upstream], bool] | None,
+        wait_up_to_s: float,
+    ) -> tuple[list[Upstream], bool, float]:
+        """Candidates for a retry, tier first (see the module docstring), and the wait before it."""
+        healthy = False
+        ready: dict[int, list[Upstream]] = {}
+        soon: dict[int, list[Upstream]] = {}  # cooling down, available within wait_up_to_s
+        for u in self.upstreams:
+            if accept is not None and not accept(u):
+                continue
+            if u.health.routable(now):
+                healthy = True
+                if u.has_capacity:
+                    ready.setdefault(u.priority, []).append(u)
+            elif (
+                wait_up_to_s > 0
+                and u.has_capacity
+                and u.health.state(now) is State.COOLING_DOWN
+                and u.health.available_at(now) - now <= wait_up_to_s
+            ):
+                soon.setdefault(u.priority, []).append(u)
+        fallback: tuple[list[Upstream], float] | None = None
+        for tier in sorted(ready.keys() | soon.keys()):
+            here = ready.get(tier, [])
+            fresh = [u for u in here if u not in tried]
+            if fresh:
+                return fresh, healthy, 0.0
+            again = self._again(here, soon.get(tier, []), now)
+            spent = sum(1 for u in tried if u.priority == tier) >= max(2, len(here) + len(soon.get(tier, [])))
+            if not spent:
+                return [*again[0]], healthy, again[1]
+            if fallback is None:
+                fallback = again
+        if fallback is None:
+            return [], healthy, 0.0
+        return fallback[0], healthy, fallback[1]
+
+    @staticmethod
+    def _again(ready: list[Upstream], soon: list[Upstream], now: float) -> tuple[list[Upstream], float]:
+        """The tried upstreams of a tier to try again: routable ones, else the soonest cooled down."""
+        if ready:
+            return ready, 0.0
+        if not soon:
+            return [], 0.0
+        first = min(soon, key=lambda u: u.health.available_at(now))
+        return [first], max(0.0, first.health.available_at(now) - now)
+
+    def _panic_choice(self, now: float, tried: Sequence[Upstream]) -> Choice | None:
         cands = [u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried]
         if not cands:
             return None

@@ -218,11 +218,12 @@ async def test_metrics_retry_skipped_when_body_not_replayable(
     assert gw.sample("gateway_retries_skipped_total", {"reason": "body_not_replayable"}) == 1
     assert gw.sample("gateway_retries_total", {"reason": "http_5xx"}) == 0
     assert _upstream_requests(gw, "bad", "http_5xx") == 1
-    # A small body to the same pair is buffered and retried on `ok`.
+    # A small body to the same pair is buffered and retried: once more in the primary tier, then
+    # on `ok`.
     resp = await gw.client.post("/echo", data=b"x" * 50)
     assert resp.status == 200
-    assert resp.headers["X-Gateway-Attempts"] == "2"
-    assert gw.sample("gateway_retries_total", {"reason": "http_5xx"}) == 1
+    assert resp.headers["X-Gateway-Attempts"] == "3"
+    assert gw.sample("gateway_retries_total", {"reason": "http_5xx"}) == 2
     assert gw.sample("gateway_retries_skipped_total", {"reason": "body_not_replayable"}) == 1
 
 

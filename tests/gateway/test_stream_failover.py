@@ -345,6 +345,66 @@ async def test_a_content_filter_rejection_is_passed_on_at_once_and_never_retried
     assert b.stats.requests == 0
 
 
+async def test_a_content_filter_rejection_is_final_even_when_400_is_a_retried_status(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(a.spec, b.spec, strategy="priority", retry={"on_statuses": [400, 503]})
+    got = await stream(gw, "content-filter@a")
+    assert got.status == 400
+    assert (a.stats.requests, b.stats.requests) == (1, 0)
+
+
+async def test_a_context_length_error_goes_to_an_upstream_with_a_larger_context(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    a = await start_mock("a", stream_chunks=TOKENS)
+    same = await start_mock("same", stream_chunks=TOKENS)
+    big = await start_mock("big", stream_chunks=TOKENS)
+    gw = await start_gateway(
+        {"name": "a", "url": a.url, "max_context": 4096},
+        {"name": "same", "url": same.url, "max_context": 4096},
+        {"name": "big", "url": big.url, "max_context": 32768},
+        strategy="priority",
+    )
+    got = await stream(gw, "context-length@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "big"
+    assert (a.stats.requests, same.stats.requests, big.stats.requests) == (1, 0, 1)
+
+
+async def test_a_context_length_error_goes_to_the_next_tier_without_larger_contexts(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(*primary_and_backup(a, b))
+    got = await stream(gw, "context-length@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "b"
+    assert (a.stats.requests, b.stats.requests) == (1, 1)
+
+
+async def test_a_context_length_error_with_nowhere_larger_is_passed_on(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(a.spec, b.spec, strategy="priority")
+    got = await stream(gw, "context-length")
+    assert got.status == 400
+    assert orjson.loads(got.body)["error"]["code"] == "context_length_exceeded"
+    assert (a.stats.requests, b.stats.requests) == (1, 0)
+
+
+async def test_other_4xx_are_never_retried(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(a.spec, b.spec, strategy="priority")
+    got = await stream(gw, "status=404@a")
+    assert got.status == 404
+    assert b.stats.requests == 0
+
+
 # Whole episodes ---------------------------------------------------------------------------------
 
 
@@ -383,3 +443,58 @@ async def test_a_primary_down_then_healthy_loses_none_of_20_requests(
     for got in results:
         assert_complete(got)
     assert a.stats.by_status.get(200, 0) >= 1  # it came back into use
+
+
+# Which upstream a retry goes to: tiers first ----------------------------------------------------
+
+
+def primary_and_backup(a: MockUpstream, b: MockUpstream) -> tuple[str, dict[str, Any]]:
+    return a.spec, {"name": "b", "url": b.url, "priority": 1}
+
+
+async def test_a_blip_on_the_only_primary_is_retried_there_not_on_the_backup(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(*primary_and_backup(a, b))
+    got = await stream(gw, "status-once=500@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "a"
+    assert (a.stats.requests, b.stats.requests) == (2, 0)
+
+
+async def test_a_short_retry_after_on_the_primary_is_waited_out(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(*primary_and_backup(a, b))
+    started = time.monotonic()
+    got = await stream(gw, "rate-limit-once=1@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "a"
+    assert 0.9 <= time.monotonic() - started < 3  # the attempts were the Retry-After apart
+    assert b.stats.requests == 0
+
+
+async def test_a_long_retry_after_on_the_primary_goes_to_the_backup_at_once(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(*primary_and_backup(a, b))
+    started = time.monotonic()
+    got = await stream(gw, "rate-limit-once=30@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "b"
+    assert time.monotonic() - started < 1
+
+
+async def test_a_persistent_failure_of_the_primary_spends_its_tier_then_uses_the_backup(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(*primary_and_backup(a, b))
+    got = await stream(gw, "status=503@a")
+    assert_complete(got)
+    assert got.headers["X-Gateway-Upstream"] == "b"
+    assert got.headers["X-Gateway-Attempts"] == "3"
+    assert (a.stats.requests, b.stats.requests) == (2, 1)

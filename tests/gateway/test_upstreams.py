@@ -264,12 +264,37 @@ def test_choose_prefers_untried_upstream() -> None:
     assert choose(pool, tried=(a, b)).upstream is c
 
 
-def test_choose_prefers_untried_over_better_tier() -> None:
+def test_a_retry_stays_in_its_tier_until_the_tier_is_spent() -> None:
     pool = make_pool({"name": "primary", "priority": 0}, {"name": "backup", "priority": 1})
     primary, backup = pool.upstreams
-    c = choose(pool, tried=(primary,))
+    assert choose(pool, tried=(primary,)) == Choice(primary, False)  # a blip: the same upstream
+    c = choose(pool, tried=(primary, primary))  # tried twice: the tier is spent
     assert c.upstream is backup
     assert not c.panic
+
+
+def test_a_retry_goes_to_an_untried_upstream_of_the_same_tier_before_the_next_tier() -> None:
+    pool = make_pool({"name": "a"}, {"name": "b"}, {"name": "backup", "priority": 1})
+    a, b, backup = pool.upstreams
+    assert choose(pool, tried=(a,)).upstream is b
+    assert choose(pool, tried=(a, b)).upstream is backup
+
+
+def test_a_short_rate_limit_cooldown_is_waited_out_in_the_tier() -> None:
+    pool = make_pool({"name": "primary", "priority": 0}, {"name": "backup", "priority": 1})
+    primary, backup = pool.upstreams
+    pool.record(primary, Outcome.RATE_LIMITED, 0.0, 0.01, retry_after_s=1.5)
+    rng = random.Random(0)
+    assert pool.choose(0.5, rng, (primary,), wait_up_to_s=2.0) == Choice(primary, False, 1.0)
+    assert pool.choose(0.5, rng, (primary,), wait_up_to_s=0.5) == Choice(backup, False, 0.0)
+    assert pool.choose(0.5, rng, (primary,)) == Choice(backup, False, 0.0)
+
+
+def test_a_long_rate_limit_cooldown_moves_to_the_next_tier() -> None:
+    pool = make_pool({"name": "primary", "priority": 0}, {"name": "backup", "priority": 1})
+    primary, backup = pool.upstreams
+    pool.record(primary, Outcome.RATE_LIMITED, 0.0, 0.01, retry_after_s=30)
+    assert pool.choose(0.0, random.Random(0), (primary,), wait_up_to_s=2.0) == Choice(backup, False)
 
 
 def test_choose_reuses_tried_routable_when_all_tried() -> None:
