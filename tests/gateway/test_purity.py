@@ -1,7 +1,7 @@
 """The decision modules stay pure: no I/O, clocks, event loops or global randomness.
 
 Pure means every module under gateway/policy/ (found by scanning the folder, so a new module is
-covered the day it is added), and the header and target checks of gateway/http/.
+covered the day it is added), and the header, target and proxy (egress) decisions of gateway/http/.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ PURE_MODULES = tuple(
         for p in POLICY_DIR.glob("*.py")
         if p.name != "__init__.py"
     )
-) + ("gateway.http.headers", "gateway.http.target")
+) + ("gateway.http.egress", "gateway.http.headers", "gateway.http.target")
 FORBIDDEN = frozenset({"aiohttp", "asyncio", "time", "prometheus_client", "redis", "aiosqlite", "socket"})
 # Gateway modules a pure module may import: the other pure ones, and config for settings types.
 ALLOWED_INTERNAL = frozenset(PURE_MODULES) | {"gateway.config", "gateway.policy"}
