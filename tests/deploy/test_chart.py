@@ -311,3 +311,25 @@ def test_sidecar_readiness_probe_can_be_turned_on(tmp_path: Path) -> None:
     assert gw["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "gw-admin"}
     assert gw["readinessProbe"]["periodSeconds"] == 7
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_gateway_proxy_env_reaches_both_gateway_containers() -> None:
+    values = {
+        "gateway": {
+            "upstreams": [
+                {"name": "openai", "url": "https://api.openai.com"},
+                {"name": "vllm", "url": "http://vllm:8000", "proxy": "none"},
+            ],
+            "proxyEnv": {"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".svc,10.0.0.0/8"},
+        }
+    }
+    docs = render(values)
+    for deploy in (one(docs, "Deployment", "-gateway"), one(docs, "Deployment", "-jobs-api")):
+        e = env(container(deploy, "gateway"))
+        assert e["HTTPS_PROXY"] == "http://proxy.corp:3128" and e["NO_PROXY"] == ".svc,10.0.0.0/8"
+        kubernetes_validate.validate(deploy, KUBE_VERSION, strict=True)
+    upstreams = json.loads(one(docs, "ConfigMap", "-upstreams")["data"]["upstreams.json"])
+    assert upstreams[1]["proxy"] == "none"
+    with pytest.raises(helm.HelmValuesError) as err:
+        render({"gateway": {**MINIMAL["gateway"], "proxyEnv": {"ALL_PROXY": "socks5://p:1"}}})
+    assert "invalid propertyName 'ALL_PROXY'" in str(err.value)

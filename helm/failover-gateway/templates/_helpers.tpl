@@ -70,7 +70,7 @@ The gateway container. Other charts include it to run the gateway next to their 
 Parameters (a dict):
   gateway             required: a map shaped like this chart's `gateway` values (upstreams, port,
                       adminPort, providerKeys, adminToken, shutdownGraceSeconds, preStopSleepSeconds,
-                      extraEnv, resources, probes)
+                      proxyEnv, extraEnv, resources, probes)
   image               required: image reference
   upstreamsConfigMap  optional: ConfigMap with key upstreams.json; without it the upstreams are
                       passed inline as GATEWAY_UPSTREAMS JSON
@@ -141,6 +141,10 @@ gateway.preStopSleepSeconds.
           name: {{ required "gateway.providerKeys.existingSecret is required when gateway.providerKeys.env is set" $secret }}
           key: {{ $key }}
     {{- end }}
+    {{- end }}
+    {{- range $name, $value := $g.proxyEnv }}
+    - name: {{ $name }}
+      value: {{ $value | toString | quote }}
     {{- end }}
     {{- range $name, $value := $g.extraEnv }}
     - name: {{ $name }}
