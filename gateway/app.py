@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, UpstreamSettings
 from gateway.http.client import UpstreamClient
+from gateway.http.egress import ProxyConfig, select_proxy
 from gateway.http.server import HttpServer
 from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
@@ -55,12 +58,19 @@ class Gateway:
         self.retry_gate = RetryGate(self.budget)
         self.metrics = GatewayMetrics(registry, self.pool, clock, lambda: self.budget.active_requests)
         self.draining = False
+        # Proxy and TLS trust per upstream, decided once here for the client and the prober alike.
+        self.egress = {cfg.name: upstream_egress(cfg, os.environ) for cfg in settings.upstreams}
+        for name, (proxy, _) in self.egress.items():
+            if proxy is not None:
+                log.info("upstream %s is reached through proxy %s", name, proxy.url)
         self.clients = [
             UpstreamClient(
                 up.base_url,
                 connect_timeout_s=settings.timeouts.connect_s,
                 keepalive_s=settings.upstream_keepalive_s,
                 max_header_bytes=settings.max_upstream_header_bytes,
+                proxy=self.egress[up.name][0],
+                ssl_context=self.egress[up.name][1],
             )
             for up in self.pool.upstreams
         ]
@@ -81,6 +91,7 @@ class Gateway:
             clock=clock,
             rng=rng,
             keepalive_s=settings.upstream_keepalive_s,
+            egress=self.egress,
         )
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -119,6 +130,19 @@ class Gateway:
                 "reason": change.reason,
             }
         )
+
+
+Egress = tuple[ProxyConfig | None, ssl.SSLContext | None]
+
+
+def upstream_egress(cfg: UpstreamSettings, env: Mapping[str, str]) -> Egress:
+    """The proxy (None: direct) and the TLS context (None: http) of one upstream."""
+    proxy = select_proxy(cfg.url, cfg.proxy, env)
+    context = None
+    if cfg.url.startswith("https:"):
+        # With a CA file only that bundle is trusted (as curl's --cacert), else the system's CAs.
+        context = ssl.create_default_context(cafile=cfg.tls_ca_file)
+    return proxy, context
 
 
 def build_gateway(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 from yarl import URL
+
+from gateway.http.egress import DIRECT, parse_proxy_url, select_proxy
 
 MIB = 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
@@ -81,6 +84,11 @@ class UpstreamSettings(_Frozen):
     # Context window in tokens: a request another upstream refused as too long is retried on an
     # upstream with a larger one (or on the next tier).
     max_context: int | None = Field(None, ge=1)
+    # Forward proxy: unset follows HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "none" connects directly,
+    # http://[user:password@]host:port always uses that proxy (see gateway/http/egress.py).
+    proxy: str | None = None
+    # PEM CA bundle that verifies this https upstream, instead of the system's CAs.
+    tls_ca_file: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -102,6 +110,26 @@ class UpstreamSettings(_Frozen):
             raise ValueError(f"{value!r} must start with '/' (or be null to disable active checks)")
         return value
 
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == DIRECT:
+            return None if value is None else DIRECT
+        value = expand_env_refs(value.strip(), os.environ)  # credentials may stay in the environment
+        parse_proxy_url(value)
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ValueError(f"cannot load CA file {value!r}: {reason}") from None
+        return value
+
     @field_validator("headers")
     @classmethod
     def _expand_env(cls, value: dict[str, str]) -> dict[str, str]:
@@ -116,6 +144,8 @@ class UpstreamSettings(_Frozen):
 
     @model_validator(mode="after")
     def _default_name(self) -> UpstreamSettings:
+        if self.tls_ca_file is not None and not self.url.startswith("https:"):
+            raise ValueError(f"tls_ca_file is set but {self.url!r} is not an https URL")
         if not self.name:
             url = URL(self.url)
             object.__setattr__(self, "name", f"{url.host}:{url.port}")
@@ -361,6 +391,11 @@ class GatewaySettings(BaseSettings):
             if up.name in seen:
                 raise ValueError(f"duplicate upstream name {up.name!r}; give each a unique name (NAME=URL)")
             seen.add(up.name)
+            # A bad HTTPS_PROXY/HTTP_PROXY is reported now, naming the variable, not at first use.
+            try:
+                select_proxy(up.url, up.proxy, os.environ)
+            except ValueError as exc:
+                raise ValueError(f"upstream {up.name!r}: {exc}") from None
         if self.outlier.max_ejection_s < self.outlier.base_ejection_s:
             raise ValueError("outlier.max_ejection_s must be >= outlier.base_ejection_s")
         return self

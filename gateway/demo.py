@@ -32,9 +32,10 @@ async def run_demo(overrides: dict[str, Any], config_file: Path | None) -> None:
         MockBehaviour(name="flaky", latency_s=0.005, chunk_interval_s=0.05, error_rate=0.3)
     )
     demo = {
+        # Local mocks: never through an HTTP_PROXY the shell may have set.
         "upstreams": [
-            f"steady=http://127.0.0.1:{steady_port}",
-            f"flaky=http://127.0.0.1:{flaky_port}",
+            {"name": "steady", "url": f"http://127.0.0.1:{steady_port}", "proxy": "none"},
+            {"name": "flaky", "url": f"http://127.0.0.1:{flaky_port}", "proxy": "none"},
         ],
         "health": {"interval_s": 2.0},
     }

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from gateway.config import HealthSettings
+from gateway.http.egress import ProxyConfig
 from gateway.metrics import GatewayMetrics
 from gateway.policy.upstreams import Pool, Upstream
 
@@ -33,8 +36,28 @@ class HealthProber:
         clock: Callable[[], float],
         rng: random.Random,
         keepalive_s: float,
+        egress: Mapping[str, tuple[ProxyConfig | None, ssl.SSLContext | None]] | None = None,
     ) -> None:
+        """`egress`: each upstream's proxy and TLS context by name, as the data path uses them."""
         self._pool = pool
+        # Per-upstream request options, built once: the same proxy and trust as the data path.
+        self._options: dict[str, dict[str, Any]] = {}
+        for up in pool.upstreams:
+            proxy, context = (egress or {}).get(up.name, (None, None))
+            options: dict[str, Any] = {"headers": dict(up.headers)}
+            if context is not None:
+                options["ssl"] = context
+            if proxy is not None:
+                options["proxy"] = proxy.url
+                auth = proxy.authorization
+                if auth is not None:
+                    # aiohttp sends proxy_headers on CONNECT only; a plain http request goes to
+                    # the proxy itself, so there it is one of the request's own headers.
+                    if context is not None:
+                        options["proxy_headers"] = {"Proxy-Authorization": auth.decode()}
+                    else:
+                        options["headers"]["Proxy-Authorization"] = auth.decode()
+            self._options[up.name] = options
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
         self._settings = settings
@@ -75,7 +98,7 @@ class HealthProber:
         url = URL(up.base_url + up.health_path, encoded=True)
         try:
             async with self._session.get(
-                url, headers=up.headers, timeout=self._timeout, allow_redirects=False
+                url, timeout=self._timeout, allow_redirects=False, **self._options[up.name]
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300, f"GET {url} answered {resp.status}"

@@ -30,11 +30,15 @@ AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+PROXY_ENV = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
+
+
 @pytest.fixture(autouse=True)
 def _no_gateway_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings in tests come from the test, never from the developer's environment."""
     for name in list(os.environ):
-        if name.startswith(("GATEWAY_", "JOBS_")):
+        # Proxy variables too: a developer's HTTPS_PROXY would route loopback upstreams away.
+        if name.startswith(("GATEWAY_", "JOBS_")) or name.lower() in PROXY_ENV:
             monkeypatch.delenv(name)
 
 

@@ -15,6 +15,11 @@ for a proxy kept here in one place:
 - Backpressure: a response body buffered faster than the client reads pauses the upstream socket.
 - Errors: every failure is an UpstreamError of its phase (connect, send, receive), so a caller
   knows what the upstream may have seen of the request.
+- Egress through a forward proxy (decided once per upstream, see egress.py): an http upstream
+  gets absolute-form request targets on a connection to the proxy; an https upstream gets a
+  CONNECT tunnel that is then upgraded to TLS with the upstream's name. Either way the request
+  heads are prebuilt here, so a request costs the same with or without a proxy. A proxy that
+  refuses or answers CONNECT with a non-2xx is a ConnectError of the upstream.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import ClassVar, Literal, cast
 import httptools
 from yarl import URL
 
+from gateway.http.egress import ProxyConfig
 from gateway.http.flow import BodyBuffer, FlowControl
 
 Phase = Literal["connect", "send", "receive"]
@@ -42,6 +48,8 @@ _DETACHED_PARSER = httptools.HttpResponseParser(object())
 # we reused it) and the request is sent again once on a new connection. Later than this, the
 # upstream may have started on the request, so it counts as a failed attempt instead.
 RESEND_WINDOW_S = 0.2
+# Longest answer to CONNECT accepted from a proxy.
+MAX_CONNECT_RESPONSE_BYTES = 16 * 1024
 
 
 class _HeadTooLarge(Exception):
@@ -396,6 +404,40 @@ class _Connection(FlowControl):
             self.close()
 
 
+class _Tunnel(asyncio.Protocol):
+    """A connection to a forward proxy until it answers our CONNECT (then TLS takes it over)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self._buffer = b""
+        self.extra = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            self.extra += data
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_CONNECT_RESPONSE_BYTES:
+                self.answer.set_exception(ConnectError("the proxy's answer to CONNECT is too large"))
+            return
+        self.extra = self._buffer[end + 4 :]
+        status_line = self._buffer.split(b"\r\n", 1)[0]
+        version, _, rest = status_line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            self.answer.set_exception(ConnectError(f"the proxy answered CONNECT with {status_line[:80]!r}"))
+        else:
+            self.answer.set_result((int(code), reason.strip()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(
+                ConnectError(f"the proxy closed the connection before answering CONNECT ({exc or 'EOF'})")
+            )
+
+
 def _close_delimited(status: int, fields: list[tuple[bytes, bytes]]) -> bool:
     """True if the body runs until the connection closes (no length, not chunked)."""
     if status in (204, 304) or status < 200:
@@ -410,15 +452,25 @@ class UpstreamClient:
     """Connections to one upstream base URL, reused with keep-alive."""
 
     def __init__(
-        self, base_url: str, *, connect_timeout_s: float, keepalive_s: float, max_header_bytes: int = 65536
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float,
+        keepalive_s: float,
+        max_header_bytes: int = 65536,
+        proxy: ProxyConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`proxy`: the forward proxy to go through (None: direct). `ssl_context`: how an https
+        upstream is verified (None: the system's CAs)."""
         self.max_header_bytes = max_header_bytes
         url = URL(base_url)
         assert url.host is not None and url.port is not None
+        https = url.scheme == "https"
         self._host = url.host
         self._port = url.port
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
-        default_port = 443 if url.scheme == "https" else 80
+        self._ssl: ssl.SSLContext | None = (ssl_context or ssl.create_default_context()) if https else None
+        default_port = 443 if https else 80
         host = f"[{url.host}]" if ":" in url.host else url.host
         authority = host if url.port == default_port else f"{host}:{url.port}"
         self._host_line = b"Host: " + authority.encode("idna") + b"\r\n"
@@ -426,6 +478,26 @@ class UpstreamClient:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: list[_Connection] = []
+        # Where connections go: the upstream, or the proxy.
+        self.proxy = proxy
+        self._connect_host = self._host
+        self._connect_port = self._port
+        self._connect_request: bytes | None = None  # CONNECT head, for https through a proxy
+        if proxy is not None:
+            self._connect_host, self._connect_port = proxy.host, proxy.port
+            auth = proxy.authorization
+            auth_line = b"Proxy-Authorization: " + auth + b"\r\n" if auth else b""
+            if https:
+                target = f"{host}:{url.port}".encode("idna")
+                self._connect_request = b"CONNECT %b HTTP/1.1\r\nHost: %b\r\n%b\r\n" % (
+                    target,
+                    target,
+                    auth_line,
+                )
+            else:
+                # Absolute-form target (RFC 9112 section 3.2.2), Host still the upstream's.
+                self._prefix = b"http://" + authority.encode("idna") + self._prefix
+                self._host_line += auth_line
 
     @property
     def idle_connections(self) -> int:
@@ -507,10 +579,12 @@ class UpstreamClient:
         timeout = min(self._connect_timeout_s, remaining_s)
         try:
             async with asyncio.timeout(timeout):
+                if self._connect_request is not None:
+                    return await self._connect_tunnel(loop, self._connect_request)
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, loop),
-                    self._host,
-                    self._port,
+                    self._connect_host,
+                    self._connect_port,
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
                 )
@@ -519,7 +593,36 @@ class UpstreamClient:
                 raise ConnectError(f"connect timed out after {timeout:g} s") from None
             raise ConnectTimeout(f"the attempt's deadline passed while connecting ({timeout:g} s)") from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"{type(exc).__name__}: {exc}") from None
+            via = f" (through proxy {self.proxy.url})" if self.proxy is not None else ""
+            raise ConnectError(f"{type(exc).__name__}: {exc}{via}") from None
+        return conn
+
+    async def _connect_tunnel(self, loop: asyncio.AbstractEventLoop, request: bytes) -> _Connection:
+        """CONNECT through the proxy, then TLS to the upstream on the same socket."""
+        assert self.proxy is not None and self._ssl is not None
+        transport, tunnel = await loop.create_connection(
+            lambda: _Tunnel(loop), self._connect_host, self._connect_port
+        )
+        try:
+            transport.write(request)
+            status, reason = await tunnel.answer
+            if not 200 <= status < 300:
+                hint = " (check the proxy credentials)" if status == 407 else ""
+                raise ConnectError(
+                    f"proxy {self.proxy.url} answered {status} {reason.decode('latin-1')} to "
+                    f"CONNECT {self._host}:{self._port}{hint}"
+                )
+            if tunnel.extra:
+                # Nothing may come before our TLS hello; bytes here would corrupt the handshake.
+                raise ConnectError(f"proxy {self.proxy.url} sent data after its answer to CONNECT")
+            conn = _Connection(self, loop)
+            tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=self._host)
+        except BaseException:
+            transport.close()
+            raise
+        if tls is None:  # the connection was closed during the handshake
+            raise ConnectError(f"the TLS handshake through proxy {self.proxy.url} was cut off")
+        conn.connection_made(tls)  # start_tls does not call it on the protocol it wraps
         return conn
 
     def put_back(self, conn: _Connection) -> None:

@@ -257,8 +257,8 @@ def test_values_schema_rejects_bad_values_clearly(values: dict[str, Any], messag
     assert message in str(err.value)
 
 
-def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
-    """An application chart that depends on this one puts the gateway next to its container."""
+def render_app_with_sidecar(tmp_path: Path, extra_params: str = "") -> Manifest:
+    """An application chart that depends on this one and includes the sidecar; its Deployment."""
     app = tmp_path / "app"
     (app / "templates").mkdir(parents=True)
     (app / "charts").mkdir()
@@ -268,6 +268,7 @@ def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
         "  upstreams:\n    - {name: a, url: 'http://vllm-a:8000'}\n"
         "  providerKeys: {existingSecret: keys, env: {OPENAI_API_KEY: openai}}\n"
         "  shutdownGraceSeconds: 20\n  preStopSleepSeconds: 5\n"
+        "  probes: {readiness: {periodSeconds: 7}}\n"
         # The parent chart disables the subchart's own workloads.
         "failover-gateway:\n  gateway: {enabled: false}\n  jobsApi: {enabled: false}\n"
         "  grafana: {dashboard: {enabled: false}}\n"
@@ -279,7 +280,7 @@ def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
         "        - name: app\n          image: app:1\n"
         # As in the README: the include may span lines.
         '        {{- include "failover-gateway.sidecar" (dict "gateway" .Values.failoverGateway\n'
-        '              "image" "ghcr.io/example/failover-gateway:0.1.0") | nindent 8 }}\n'
+        f'              "image" "ghcr.io/example/failover-gateway:0.1.0"{extra_params}) | nindent 8 }}}}\n'
     )
     packaged = Path(helm.package(str(CHART), destination=str(tmp_path)))
     shutil.copy(packaged, app / "charts" / packaged.name)
@@ -288,10 +289,47 @@ def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
     docs = [d for k, t in out.items() if not k.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
     deploy = one(docs, "Deployment", "app")
     kubernetes_validate.validate(deploy, KUBE_VERSION, strict=True)
-    gw = container(deploy, "gateway")
+    return deploy
+
+
+def test_sidecar_template_in_another_chart(tmp_path: Path) -> None:
+    """An application chart that depends on this one puts the gateway next to its container."""
+    gw = container(render_app_with_sidecar(tmp_path), "gateway")
     e = env(gw)
     assert e["GATEWAY_HOST"] == "127.0.0.1"
     assert json.loads(e["GATEWAY_UPSTREAMS"]) == [{"name": "a", "url": "http://vllm-a:8000"}]
     assert e["OPENAI_API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "openai"}}
-    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gw["securityContext"] == HARDENED
+    # No readiness probe by default: /readyz fails during an inference outage, which would take
+    # the application's pod out of its Service. Liveness stays on.
+    assert "readinessProbe" not in gw
+    assert gw["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "gw-admin"}
+
+
+def test_sidecar_readiness_probe_can_be_turned_on(tmp_path: Path) -> None:
+    gw = container(render_app_with_sidecar(tmp_path, ' "readiness" true'), "gateway")
+    assert gw["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "gw-admin"}
+    assert gw["readinessProbe"]["periodSeconds"] == 7
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_gateway_proxy_env_reaches_both_gateway_containers() -> None:
+    values = {
+        "gateway": {
+            "upstreams": [
+                {"name": "openai", "url": "https://api.openai.com"},
+                {"name": "vllm", "url": "http://vllm:8000", "proxy": "none"},
+            ],
+            "proxyEnv": {"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".svc,10.0.0.0/8"},
+        }
+    }
+    docs = render(values)
+    for deploy in (one(docs, "Deployment", "-gateway"), one(docs, "Deployment", "-jobs-api")):
+        e = env(container(deploy, "gateway"))
+        assert e["HTTPS_PROXY"] == "http://proxy.corp:3128" and e["NO_PROXY"] == ".svc,10.0.0.0/8"
+        kubernetes_validate.validate(deploy, KUBE_VERSION, strict=True)
+    upstreams = json.loads(one(docs, "ConfigMap", "-upstreams")["data"]["upstreams.json"])
+    assert upstreams[1]["proxy"] == "none"
+    with pytest.raises(helm.HelmValuesError) as err:
+        render({"gateway": {**MINIMAL["gateway"], "proxyEnv": {"ALL_PROXY": "socks5://p:1"}}})
+    assert "invalid propertyName 'ALL_PROXY'" in str(err.value)

@@ -1,8 +1,8 @@
 """The decision modules stay pure: no I/O, clocks, event loops or global randomness.
 
 Pure means every module under gateway/policy/ (found by scanning the folder, so a new module is
-covered the day it is added), the header and target checks of gateway/http/, and the stream
-reading of gateway/stream/.
+covered the day it is added), the header, target and proxy (egress) decisions of gateway/http/,
+and the stream reading of gateway/stream/.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ PURE_MODULES = tuple(
         for p in POLICY_DIR.glob("*.py")
         if p.name != "__init__.py"
     )
-) + ("gateway.http.headers", "gateway.http.target", "gateway.stream.events", "gateway.stream.continuation")
+) + (
+    "gateway.http.egress",
+    "gateway.http.headers",
+    "gateway.http.target",
+    "gateway.stream.events",
+    "gateway.stream.continuation",
+)
 FORBIDDEN = frozenset({"aiohttp", "asyncio", "time", "prometheus_client", "redis", "aiosqlite", "socket"})
 # Gateway modules a pure module may import: the other pure ones, and config for settings types.
 ALLOWED_INTERNAL = frozenset(PURE_MODULES) | {"gateway.config", "gateway.policy"}

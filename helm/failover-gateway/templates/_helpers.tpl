@@ -70,7 +70,7 @@ The gateway container. Other charts include it to run the gateway next to their 
 Parameters (a dict):
   gateway             required: a map shaped like this chart's `gateway` values (upstreams, port,
                       adminPort, providerKeys, adminToken, shutdownGraceSeconds, preStopSleepSeconds,
-                      extraEnv, resources, probes)
+                      proxyEnv, extraEnv, resources, probes)
   image               required: image reference
   upstreamsConfigMap  optional: ConfigMap with key upstreams.json; without it the upstreams are
                       passed inline as GATEWAY_UPSTREAMS JSON
@@ -78,8 +78,11 @@ Parameters (a dict):
                       port always listens on 0.0.0.0 so the kubelet can probe it
   securityContext     optional: container securityContext (non-root, read-only root by default)
   pullPolicy          optional: IfNotPresent by default
-  readiness           optional: false leaves out the /readyz probe, so a pod whose app can work
-                      without routable upstreams (it queues, retries) stays ready; true by default
+  readiness           optional: true adds a /readyz readiness probe; off by default. /readyz fails
+                      while no upstream is routable, and a failing container takes the whole pod,
+                      i.e. your application, out of its Service during an inference outage. Turn
+                      it on only when the app is useless without the gateway. The /healthz
+                      liveness probe is always on.
 Give the pod terminationGracePeriodSeconds greater than gateway.shutdownGraceSeconds plus
 gateway.preStopSleepSeconds.
 */}}
@@ -139,6 +142,10 @@ gateway.preStopSleepSeconds.
           key: {{ $key }}
     {{- end }}
     {{- end }}
+    {{- range $name, $value := $g.proxyEnv }}
+    - name: {{ $name }}
+      value: {{ $value | toString | quote }}
+    {{- end }}
     {{- range $name, $value := $g.extraEnv }}
     - name: {{ $name }}
       value: {{ $value | toString | quote }}
@@ -150,7 +157,8 @@ gateway.preStopSleepSeconds.
     {{- with $probes.liveness }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- if ne (toString .readiness) "false" }}
+  {{- /* Off unless asked for: see "readiness" above. */}}
+  {{- if eq (toString .readiness) "true" }}
   readinessProbe:
     httpGet:
       path: /readyz
