@@ -7,7 +7,9 @@ the system under test. One aiohttp session with no connection limit (aiohttp's d
 would queue 900 of 1,000 streams); the open-files soft limit is raised to the hard limit first.
 
 Usage: python -m bench.fanout_client --url URL --streams 1000 --chunks 20 --interval 0.25 --ramp 1.5
-Output: one JSON object: stream counts, errors, chunk counts and chunk delay percentiles in ms.
+Output: one JSON object: stream counts, errors, chunk counts, chunk delay percentiles and time to
+first byte percentiles (request sent to the first body bytes; through the gateway that is the first
+content event, since it holds a stream until then) in ms.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Tally:
     """What all streams saw, shared by the stream tasks (one event loop, no locks needed)."""
 
     delays_ns: list[int] = field(default_factory=list)
+    ttfb_ns: list[int] = field(default_factory=list)  # request sent to the first body bytes, per stream
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: list[str] = field(default_factory=list)
     completed: int = 0
@@ -71,6 +74,8 @@ async def one_stream(session: aiohttp.ClientSession, url: str, start_at: float, 
     await asyncio.sleep(max(0.0, start_at - asyncio.get_running_loop().time()))
     buffer = bytearray()
     done = False
+    sent_ns = time.monotonic_ns()
+    first = True
     try:
         async with session.post(url, data=BODY, headers=HEADERS) as resp:
             if resp.status != 200:
@@ -81,6 +86,9 @@ async def one_stream(session: aiohttp.ClientSession, url: str, start_at: float, 
             try:
                 async for data in resp.content.iter_any():
                     arrived_ns = time.monotonic_ns()
+                    if first:
+                        tally.ttfb_ns.append(arrived_ns - sent_ns)
+                        first = False
                     buffer += data
                     done = take_events(buffer, arrived_ns, tally.delays_ns) or done
             finally:
@@ -120,6 +128,7 @@ async def run(url: str, streams: int, chunks: int, interval_s: float, ramp_s: fl
         await asyncio.gather(*pending, return_exceptions=True)
         elapsed_s = loop.time() - t0
     delays = sorted(tally.delays_ns)
+    ttfb = sorted(tally.ttfb_ns)
     return {
         "streams": streams,
         "completed": tally.completed,
@@ -137,6 +146,8 @@ async def run(url: str, streams: int, chunks: int, interval_s: float, ramp_s: fl
         "delay_p999_ms": percentile_ms(delays, 0.999),
         "delay_max_ms": delays[-1] / 1e6 if delays else math.nan,
         "delay_mean_ms": sum(delays) / len(delays) / 1e6 if delays else math.nan,
+        "ttfb_p50_ms": percentile_ms(ttfb, 0.50),
+        "ttfb_p99_ms": percentile_ms(ttfb, 0.99),
     }
 
 

@@ -91,6 +91,8 @@ def fanout_medians(rows: Sequence[Row]) -> dict[str, Row]:
             "delay_p99_ms": _median(r["delay_p99_ms"] for r in runs),
             "delay_p999_ms": _median(r["delay_p999_ms"] for r in runs),
             "delay_max_ms": _max(r["delay_max_ms"] for r in runs),
+            "ttfb_p50_ms": _median(r.get("ttfb_p50_ms") for r in runs),
+            "ttfb_p99_ms": _median(r.get("ttfb_p99_ms") for r in runs),
             "cpu_s": _median(r.get("cpu_s") for r in runs),
             "peak_rss_mib": _max(r.get("peak_rss_mib") for r in runs),
             "rss_after_mib": _median(r.get("rss_after_mib") for r in runs),
@@ -109,6 +111,7 @@ def fanout_added(fanout: dict[str, Row]) -> dict[str, Row]:
         name: {
             "added_p50_ms": c["delay_p50_ms"] - base["delay_p50_ms"],
             "added_p99_ms": c["delay_p99_ms"] - base["delay_p99_ms"],
+            "ttfb_added_p50_ms": c["ttfb_p50_ms"] - base["ttfb_p50_ms"],
         }
         for name, c in fanout.items()
         if name != DIRECT
@@ -321,18 +324,21 @@ def _fanout(data: dict[str, Any]) -> str:
         "over every chunk of every stream; medians over repetitions (max: over all). Added: the system's "
         "median minus direct's.\n",
         "| system | streams completed / opened | peak open | chunks received / expected | errors "
-        "| delay p50 / p99 / p99.9 ms | max ms | added p50 / p99 ms | proxy CPU s per run "
-        "| peak RSS MiB | RSS after MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| delay p50 / p99 / p99.9 ms | max ms | added p50 / p99 ms | first byte p50 / p99 ms "
+        "| first byte added p50 ms | proxy CPU s per run | peak RSS MiB | RSS after MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in fanout.items():
         a = added.get(name)
         add = f"{a['added_p50_ms']:+.2f} / {a['added_p99_ms']:+.2f}" if a else "-"
+        ttfb_add = f"{a['ttfb_added_p50_ms']:+.2f}" if a else "-"
         out.append(
             f"| {name} | {c['completed']:,} / {c['opened']:,} | {c['peak_open']:,} "
             f"| {c['chunks']:,} / {c['chunks_expected']:,} | {c['errors']} "
             f"| {_f(c['delay_p50_ms'], 2)} / {_f(c['delay_p99_ms'], 2)} / {_f(c['delay_p999_ms'], 1)} "
-            f"| {_f(c['delay_max_ms'], 1)} | {add} | {_f(c['cpu_s'], 2)} | {_f(c['peak_rss_mib'])} "
+            f"| {_f(c['delay_max_ms'], 1)} | {add} "
+            f"| {_f(c.get('ttfb_p50_ms', _NAN), 2)} / {_f(c.get('ttfb_p99_ms', _NAN), 2)} | {ttfb_add} "
+            f"| {_f(c['cpu_s'], 2)} | {_f(c['peak_rss_mib'])} "
             f"| {_f(c['rss_after_mib'])} |"
         )
     if GATEWAY in added:
@@ -345,6 +351,11 @@ def _fanout(data: dict[str, Any]) -> str:
             f"\nGateway, {c['streams']:,} concurrent streams: added delay per chunk p50 "
             f"{a['added_p50_ms']:+.2f} ms, p99 {a['added_p99_ms']:+.2f} ms; peak RSS "
             f"{_f(c['peak_rss_mib'])} MiB. Target (p99 added < 5 ms, RSS < 200 MB = 191 MiB): {verdict}."
+        )
+        ttfb_met = "met" if a["ttfb_added_p50_ms"] < 1.0 else "NOT met"
+        out.append(
+            f"Gateway time to first byte (held to the first content event) added over direct, "
+            f"{c['streams']:,} streams: p50 {a['ttfb_added_p50_ms']:+.2f} ms. Target (< +1 ms): {ttfb_met}."
         )
     return "\n".join(out) + "\n"
 

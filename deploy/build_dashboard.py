@@ -36,8 +36,9 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
                 [
                     (
                         "{{upstream}}",
+                        # Client-abandoned attempts and 4xx are not the upstream's errors.
                         f"sum by (upstream) (rate(gateway_upstream_requests_total"
-                        f'{{{UP},outcome!="success"}}[{RI}]))'
+                        f'{{{UP},outcome!~"success|http_4xx|abandoned"}}[{RI}]))'
                         f" / sum by (upstream) (rate(gateway_upstream_requests_total{{{UP}}}[{RI}]))",
                     )
                 ],
