@@ -41,6 +41,7 @@ from gateway.http.headers import (
     NO_STATIC,
     RequestFieldReader,
     RequestFields,
+    ResponseFields,
     StaticFields,
     client_response_fields,
     field_value,
@@ -132,7 +133,7 @@ class _Attempt:
     the slot, the response, the upstream's counts.
     """
 
-    __slots__ = ("_gate", "_started", "held", "response", "sent_at", "upstream")
+    __slots__ = ("_gate", "_started", "forwarded", "held", "response", "sent_at", "upstream")
 
     def __init__(self, upstream: Upstream, gate: RetryGate | None, now: float) -> None:
         self.upstream = upstream
@@ -141,6 +142,7 @@ class _Attempt:
         self.response: UpstreamResponse | None = None
         self.sent_at = now  # when the request went out (after any backoff)
         self.held = False  # a stream held until its first content event; not recorded yet
+        self.forwarded: ResponseFields | None = None  # the response's fields as the client gets them
 
     def __enter__(self) -> _Attempt:
         self.upstream.attempt_started(self, self._started)
@@ -312,14 +314,18 @@ class Proxy:
                 if resp is not None and attempt.held:
                     start = await self._first_event(attempt, resp, ex, deadline)
                     if isinstance(start, _StreamStart):
-                        return await self._relay(request, fields, responder, resp, up, ex, body, start)
+                        return await self._relay(
+                            request, fields, responder, resp, up, ex, body, attempt.forwarded, start
+                        )
                     failure, resp = start, None  # nothing reached the client: retried as before headers
                 accept: Callable[[Upstream], bool] | None = None
                 decision: Retry | GiveUp
                 if resp is not None:
                     judged = None if resp.status < 400 else await self._judge(resp, up, ex, body, deadline)
                     if judged is None:
-                        return await self._relay(request, fields, responder, resp, up, ex, body)
+                        return await self._relay(
+                            request, fields, responder, resp, up, ex, body, attempt.forwarded
+                        )
                     decision, accept = judged
                     # Held whole in memory: the connection is free while the retry is admitted.
                     attempt.response = None
@@ -334,7 +340,7 @@ class Proxy:
                 if resp is None:
                     assert failure is not None
                     raise self._attempt_error(failure, up, ex)
-                return await self._relay(request, fields, responder, resp, up, ex, body)
+                return await self._relay(request, fields, responder, resp, up, ex, body, attempt.forwarded)
 
     async def _try(
         self,
@@ -533,7 +539,8 @@ class Proxy:
         ttfb = now - started
         um.ttfb.observe(ttfb)
         status = resp.status
-        is_stream = _is_event_stream(resp.fields)
+        attempt.forwarded = out = client_response_fields(resp.fields)
+        is_stream = _is_event_stream(out)
         if hold_stream and 200 <= status < 300 and is_stream and request.method != b"HEAD":
             attempt.held = True
             return resp
@@ -587,6 +594,12 @@ class Proxy:
         except UpstreamError as exc:
             outcome = _outcome_of(exc)
             detail = f"{type(exc).__name__} before any output"
+        except asyncio.CancelledError:
+            # The client left while the stream was held: the upstream took at least this long.
+            now = self._clock()
+            self._pool.record_abandoned(up, now - attempt.sent_at, now)
+            self._metrics.per_upstream[up.name].outcomes[Outcome.ABANDONED].inc()
+            raise
         now = self._clock()
         um = self._metrics.per_upstream[up.name]
         if detail is None:
@@ -640,10 +653,12 @@ class Proxy:
         up: Upstream,
         ex: _Exchange,
         body: _Body,
+        out: ResponseFields | None,
         start: _StreamStart | None = None,
     ) -> int:
         """Send the upstream response to the client; failover before the commit point is over."""
-        out = client_response_fields(resp.fields)
+        if out is None:
+            out = client_response_fields(resp.fields)
         tracing = b"X-Request-ID: %b\r\nX-Gateway-Upstream: %b\r\nX-Gateway-Attempts: %d\r\n" % (
             ex.request_id,
             self._names[up.index],
@@ -652,10 +667,7 @@ class Proxy:
         responder.start(resp.status, resp.reason, out.block + tracing, out.content_length)
         try:
             if start is not None or (
-                200 <= resp.status < 300
-                and out.content_type is not None
-                and out.content_type.startswith(_SSE)
-                and request.method != b"HEAD"
+                200 <= resp.status < 300 and _is_event_stream(out) and request.method != b"HEAD"
             ):
                 await self._relay_events(request, fields, responder, resp, up, ex, body, start)
                 return resp.status
@@ -928,9 +940,9 @@ class Proxy:
         )
 
 
-def _is_event_stream(fields: list[tuple[bytes, bytes]]) -> bool:
-    value = field_value(fields, b"content-type")
-    return value is not None and value.lower().startswith("text/event-stream")
+def _is_event_stream(out: ResponseFields) -> bool:
+    value = out.content_type
+    return value is not None and value[: len(_SSE)].lower() == _SSE
 
 
 def _larger_context_than(failed: Upstream) -> Callable[[Upstream], bool]:

@@ -498,3 +498,19 @@ async def test_a_persistent_failure_of_the_primary_spends_its_tier_then_uses_the
     assert got.headers["X-Gateway-Upstream"] == "b"
     assert got.headers["X-Gateway-Attempts"] == "3"
     assert (a.stats.requests, b.stats.requests) == (2, 1)
+
+
+async def test_a_client_that_leaves_while_the_stream_is_held_abandons_the_attempt(
+    two: tuple[MockUpstream, MockUpstream], start_gateway: StartGateway
+) -> None:
+    a, b = two
+    gw = await start_gateway(a.spec, b.spec, strategy="priority")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(stream(gw, "first-token-delay=30@a"), 0.3)
+    for _ in range(50):
+        if a.stats.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert a.stats.disconnects == 1  # the held upstream request was closed
+    assert gw.sample("gateway_upstream_requests_total", {"upstream": "a", "outcome": "abandoned"}) == 1
+    assert b.stats.requests == 0
