@@ -22,12 +22,15 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
 from redis.asyncio.connection import SSLConnection
 
 from jobs_api.app import create_app
 from jobs_api.errors import StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext
+from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel, transition
+from jobs_api.runner import JobRunner
 from jobs_api.store import open_store, redacted_url
 from jobs_api.store.base import JobEvent, JobQuery, LogLevel, LogLine
 from jobs_api.store.redis import Keys, RedisJobStore, order_member, sortable
@@ -40,6 +43,7 @@ from tests.jobs_api.conftest import (
     open_redis,
     prefixed_keys,
 )
+from tests.jobs_api.faults import FaultProxy
 from tests.jobs_api.test_cli import clean_env, start_jobs_proc
 from tests.jobs_api.test_routes import CHAT, inference
 
@@ -399,6 +403,95 @@ async def test_redis_outage_answers_503_and_a_running_job_is_persisted_once_redi
     finally:
         await client.close()
         await proxy.cut()
+
+
+# --- a replica cut off from Redis: its lease runs out ---------------------------------------------
+
+
+async def test_a_replica_cut_off_from_redis_stops_its_attempt_by_the_lease_deadline(
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    make_job: MakeJob,
+) -> None:
+    """Two runners share Redis; one reaches it through a proxy that is then blackholed.
+
+    The cut-off runner cannot renew its lease, so it must stop its attempt before the lease runs
+    out (and record nothing); the other runner then runs the job to completion, once.
+    """
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    seen: list[tuple[str, float]] = []
+
+    async def stalls(ctx: JobContext) -> None:
+        seen.append(("a-started", time.monotonic()))
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append(("a-cancelled", time.monotonic()))
+            raise
+
+    async def finishes(ctx: JobContext) -> dict[str, str]:
+        seen.append(("b-started", time.monotonic()))
+        await asyncio.sleep(0.2)
+        seen.append(("b-finished", time.monotonic()))
+        return {"by": "b"}
+
+    lease_s = 1.5
+    settings = jobs_settings(gateway_url=refused_url, lease_s=lease_s, concurrency=1)
+    db = int(target.path.strip("/") or 0)
+    store_a = await open_redis(proxy.url(db), redis_prefix)
+    store_b = await open_redis(redis_url, redis_prefix)
+    runners = []
+    for name, handler, store in (("a", stalls, store_a), ("b", finishes, store_b)):
+        registry = HandlerRegistry()
+        registry.register("work", handler)
+        metrics = JobsMetrics(CollectorRegistry())
+        runners.append(JobRunner(store, settings, registry, metrics, worker_id=f"replica-{name}"))
+    runner_a, runner_b = runners
+    try:
+        await runner_a.start()
+        job, _ = await store_b.create(make_job(type="work", input={}, created_at=time.time()))
+        await until(lambda: asyncio.sleep(0, result=bool(seen)), within_s=5, every_s=0.01)
+        await asyncio.sleep(lease_s)  # renewals go through while Redis is reachable
+        running = await store_b.get(job.id)
+        assert running is not None and running.status is JobStatus.RUNNING
+        assert running.worker == "replica-a" and running.attempts == 1
+
+        proxy.blackhole()
+        cut_at = time.monotonic()
+        await runner_b.start()
+
+        async def finished() -> Job | None:
+            current = await store_b.get(job.id)
+            return current if current is not None and current.status.terminal else None
+
+        done = await until(finished, within_s=15, every_s=0.05)
+        assert [kind for kind, _ in seen] == ["a-started", "a-cancelled", "b-started", "b-finished"]
+        times = dict(seen)
+        # Its last renewal was sent before the cut, so the lease (less a margin) ends within lease_s.
+        assert times["a-cancelled"] - cut_at < lease_s, times["a-cancelled"] - cut_at
+        assert times["a-cancelled"] <= times["b-started"]  # never on two replicas at once
+        assert done.status is JobStatus.COMPLETED and done.result == {"by": "b"}
+        assert done.attempts == 2 and done.worker is None
+        events = await store_b.events_after(job.id, 0)
+        assert states(events) == [
+            ("queued", 0),
+            ("running", 1),
+            ("queued", 1),
+            ("running", 2),
+            ("completed", 2),
+        ]
+        requeued = [e for e in events if e.data["status"] == "queued"][1]
+        assert requeued.data["error"]["type"] == "worker_lost"  # by the sweep, not by replica a
+    finally:
+        await proxy.close()
+        for runner in runners:
+            await runner.stop()
+        await store_a.close()
+        await store_b.close()
 
 
 # --- real replicas ------------------------------------------------------------------------------
