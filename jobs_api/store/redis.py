@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "jobs:"
 DEFAULT_RETENTION_S: Final = 7 * 24 * 3600.0
+# Connections per process, and how long a call waits for a free one (JOBS_REDIS_MAX_CONNECTIONS,
+# JOBS_REDIS_POOL_TIMEOUT_S): past the cap, calls queue for a connection rather than fail.
+DEFAULT_MAX_CONNECTIONS: Final = 100
+DEFAULT_POOL_TIMEOUT_S: Final = 5.0
 # Optimistic retries of one mutate before giving up (each one means another writer won).
 MAX_COMMIT_TRIES: Final = 100
 # A claim looks at this many of the best queued jobs per round, for this many rounds.
@@ -272,12 +276,20 @@ class RedisJobStore(JobStore):
     """Jobs in Redis, shared by any number of replicas (standalone Redis, not Cluster)."""
 
     def __init__(
-        self, url: str, *, prefix: str = DEFAULT_PREFIX, retention_s: float = DEFAULT_RETENTION_S
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> None:
         self.url = url
         self.safe_url = redacted_url(url)
         self.keys = Keys(prefix)
         self.retention_s = retention_s
+        self.max_connections = max_connections
+        self.pool_timeout_s = pool_timeout_s
         self._ttl = str(max(1, math.ceil(retention_s)))
         self._redis: aioredis.Redis | None = None
         self._hub = EventHub()
@@ -286,7 +298,13 @@ class RedisJobStore(JobStore):
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = DEFAULT_PREFIX, retention_s: float = DEFAULT_RETENTION_S
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> RedisJobStore:
         """`redis://[:password@]host[:port][/db]` or `rediss://` (TLS); nothing connects yet."""
         parts = urlsplit(url)
@@ -305,7 +323,15 @@ class RedisJobStore(JobStore):
             raise ValueError(f"the path of a Redis store URL is the database number, got {db!r}")
         if not prefix:
             raise ValueError("the Redis key prefix must not be empty (JOBS_REDIS_PREFIX)")
-        return cls(url, prefix=prefix, retention_s=retention_s)
+        if max_connections < 2:  # the event listener holds one for good
+            raise ValueError("the Redis pool needs at least 2 connections (JOBS_REDIS_MAX_CONNECTIONS)")
+        return cls(
+            url,
+            prefix=prefix,
+            retention_s=retention_s,
+            max_connections=max_connections,
+            pool_timeout_s=pool_timeout_s,
+        )
 
     # --- connection ---
 
@@ -315,14 +341,19 @@ class RedisJobStore(JobStore):
         An unreachable Redis is not fatal here: the service starts, /readyz fails and requests
         answer 503 until it answers. Bad credentials are.
         """
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: under a burst, calls wait for a free connection (up to pool_timeout_s)
+        # instead of failing with "Too many connections" once max_connections are in use.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout_s,
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=1),
             health_check_interval=10,
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
         self._closing = False
         client = self._redis
         self._commit = client.register_script(COMMIT)

@@ -23,11 +23,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
-from redis.asyncio.connection import SSLConnection
+from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 
 from jobs_api.app import create_app
 from jobs_api.errors import StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext
+from jobs_api.keys import STORE
 from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel, transition
 from jobs_api.runner import JobRunner
@@ -403,6 +404,91 @@ async def test_redis_outage_answers_503_and_a_running_job_is_persisted_once_redi
     finally:
         await client.close()
         await proxy.cut()
+
+
+# --- many concurrent store calls: the connection pool ---------------------------------------------
+
+
+async def hammer(base_url: str, job_ids: list[str], count: int) -> list[int]:
+    """`count` concurrent requests (GETs of `job_ids` and submissions), no client-side cap."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+
+        async def one(n: int) -> int:
+            if n % 3 == 0:
+                async with session.post(f"{base_url}/v1/jobs", json=inference()) as resp:
+                    await resp.read()
+                    return resp.status
+            async with session.get(f"{base_url}/v1/jobs/{job_ids[n % len(job_ids)]}") as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+@pytest.mark.parametrize("max_connections", [None, 4])
+async def test_300_concurrent_requests_wait_for_a_pooled_connection_instead_of_failing(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    max_connections: int | None,
+) -> None:
+    pool = {} if max_connections is None else {"redis_max_connections": max_connections}
+    settings = jobs_settings(gateway_url=refused_url, store=redis_url, redis_prefix=redis_prefix, **pool)
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, start_runner=False))
+    base_url = str(client.make_url("")).rstrip("/")
+    try:
+        resp = await client.post("/v1/jobs", json=inference())
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        statuses = await hammer(base_url, [job_id], 300)
+        assert statuses.count(200) == 200 and statuses.count(202) == 100, sorted(set(statuses))
+        store = client.app[STORE]
+        assert isinstance(store, RedisJobStore)
+        connections = store.redis.connection_pool
+        assert isinstance(connections, BlockingConnectionPool)
+        assert connections.max_connections == (max_connections or 100)
+    finally:
+        await client.close()
+
+
+async def test_an_event_stream_whose_store_breaks_ends_with_an_error_event(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    settings = jobs_settings(
+        gateway_url=refused_url,
+        store=proxy.url(int(target.path.strip("/") or 0)),
+        redis_prefix=redis_prefix,
+        sse_poll_s=0.05,
+    )
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, start_runner=False))
+    try:
+        resp = await client.post("/v1/jobs", json=inference())
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        async with client.get(f"/v1/jobs/{job_id}/events") as stream:
+            first = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)
+            assert first.startswith(b"id: ") and b"event: state" in first
+            await proxy.close()  # Redis is gone: every connection reset, new ones refused
+            rest = await asyncio.wait_for(stream.content.read(), 10)
+        assert rest.startswith(b"event: error\ndata: "), rest
+        frames = [frame for frame in rest.decode().split("\n\n") if frame]
+        assert len(frames) == 1
+        error = orjson.loads(frames[0].split("data: ", 1)[1])["error"]
+        assert error["type"] == "store_unavailable" and "redis" in error["message"]
+    finally:
+        await client.close()
+        await proxy.close()
 
 
 # --- a replica cut off from Redis: its lease runs out ---------------------------------------------
