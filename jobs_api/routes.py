@@ -27,6 +27,7 @@ from jobs_api.errors import (
     BadRequest,
     JobNotFound,
     JobsError,
+    OutcomeUnknown,
     PayloadTooLarge,
     Unauthorized,
     ValidationFailed,
@@ -373,7 +374,13 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
         idempotency_key=key,
         request_hash=request_hash(body) if key is not None else None,
     )
-    stored, created = await app[STORE].create(job)
+    try:
+        stored, created = await app[STORE].create(job)
+    except OutcomeUnknown as exc:
+        # Not 503 (which says nothing was stored): give the id so the client can look it up.
+        log.warning("POST %s: %s", request.path, exc.message)
+        body = {"error": {"type": exc.error_type, "message": exc.message, "job_id": exc.job_id}}
+        return json_response(body, exc.status, {"Location": f"/v1/jobs/{exc.job_id}"})
     headers = {"Location": f"/v1/jobs/{stored.id}"}
     if created:
         app[METRICS].submitted.labels(stored.type).inc()

@@ -491,6 +491,100 @@ async def test_an_event_stream_whose_store_breaks_ends_with_an_error_event(
         await proxy.close()
 
 
+# --- a submission whose reply is lost: the answer agrees with what was stored ----------------------
+
+
+async def app_behind(
+    proxy: FaultProxy,
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> tuple[TestClient[Any, Any], RedisJobStore]:
+    """A jobs app (no runner) whose Redis store talks through `proxy` with a 0.5 s socket timeout."""
+    db = int(urlsplit(redis_url).path.strip("/") or 0)
+    store = await open_redis(proxy.url(db), redis_prefix, socket_timeout_s=0.5)
+    settings = jobs_settings(gateway_url="http://127.0.0.1:9", redis_prefix=redis_prefix)
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, store=store, start_runner=False))
+    # Open a few connections (and load the scripts) while the proxy forwards.
+    warm = await asyncio.gather(*(client.post("/v1/jobs", json=inference()) for _ in range(5)))
+    assert [resp.status for resp in warm] == [202] * 5
+    return client, store
+
+
+async def test_a_submission_whose_reply_is_lost_answers_202_once_it_is_stored(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    direct = await open_redis(redis_url, redis_prefix)
+    client, store = await app_behind(proxy, aiohttp_client, jobs_settings, redis_url, redis_prefix)
+    try:
+        proxy.drop_replies()  # Redis runs every write; no answer comes back
+        posts = [asyncio.create_task(client.post("/v1/jobs", json=inference())) for _ in range(5)]
+        await until(lambda: asyncio.sleep(0, result=proxy.replies_dropped > 0), within_s=5, every_s=0.01)
+        # Longer than a socket timeout and redis-py's own re-send: a 503 here used to be a lie.
+        await asyncio.sleep(0.8)
+        proxy.heal()
+        answers = [await post for post in posts]
+        statuses = [resp.status for resp in answers]
+        # Every answer agrees with the store: nothing stored behind a 503.
+        assert await direct.count_by_status() == {JobStatus.QUEUED: 5 + statuses.count(202)}, statuses
+        # A 503 comes only from a write that never left (a new connection's handshake timed out).
+        assert set(statuses) <= {202, 503} and statuses.count(202) >= 3, statuses
+        ids = [(await resp.json())["id"] for resp in answers if resp.status == 202]
+        assert len(set(ids)) == len(ids)
+        for job_id in ids:  # stored once each: one job, one "queued" event
+            job = await direct.get(job_id)
+            assert job is not None and job.status is JobStatus.QUEUED
+            assert states(await direct.events_after(job_id, 0)) == [("queued", 0)]
+
+    finally:
+        await client.close()
+        await store.close()
+        await direct.close()
+        await proxy.close()
+
+
+async def test_a_submission_never_answered_is_not_a_503_but_names_the_job_to_check(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    direct = await open_redis(redis_url, redis_prefix)
+    client, store = await app_behind(proxy, aiohttp_client, jobs_settings, redis_url, redis_prefix)
+    try:
+        proxy.blackhole()  # a partition: the write may or may not have reached Redis
+        started = time.monotonic()
+        resp = await client.post("/v1/jobs", json=inference())
+        elapsed = time.monotonic() - started
+        body = await resp.json()
+        assert resp.status == 504, body
+        error = body["error"]
+        assert error["type"] == "outcome_unknown" and "unknown" in error["message"]
+        job_id = error["job_id"]
+        assert resp.headers["Location"] == f"/v1/jobs/{job_id}" and job_id in error["message"]
+        assert elapsed < 5, elapsed  # bounded: the first timeout plus three more
+        proxy.heal()
+        # Here the blackhole dropped the write, so the check says: not stored.
+        assert await direct.get(job_id) is None
+        resp = await client.get(f"/v1/jobs/{job_id}")
+        assert resp.status == 404
+    finally:
+        await client.close()
+        await store.close()
+        await direct.close()
+        await proxy.close()
+
+
 # --- a replica cut off from Redis: its lease runs out ---------------------------------------------
 
 
