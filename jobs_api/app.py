@@ -46,7 +46,13 @@ def _lifecycle(
             )
         store = given_store
         if store is None:
-            store = open_store(settings.store, prefix=settings.redis_prefix, retention_s=settings.retention_s)
+            store = open_store(
+                settings.store,
+                prefix=settings.redis_prefix,
+                retention_s=settings.retention_s,
+                max_connections=settings.redis_max_connections,
+                pool_timeout_s=settings.redis_pool_timeout_s,
+            )
             await store.open()
         app[STORE] = store
         runner = JobRunner(store, settings, app[HANDLERS], app[METRICS], clock=app[CLOCK])

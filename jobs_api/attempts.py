@@ -10,6 +10,9 @@ that attempt, identified by (worker, attempts), until its status changes. Rules:
   `run_after` until `max_attempts` are used up, then fails it.
 - A claimed job whose attempt never started is handed back uncounted (`release`); a queued job
   past its deadline times out (`expire_queued`).
+- A worker keeps its own view of the lease (`LocalLease`, on its monotonic clock) and stops the
+  attempt before that runs out (`overdue`), whether or not the store answers: once the stored
+  lease may have expired, another worker may take the job, so this one must no longer run it.
 Every status change here goes through `models.transition`.
 """
 
@@ -32,6 +35,58 @@ class EndKind(StrEnum):
     TIMED_OUT = "timed_out"
     INTERRUPTED = "interrupted"  # this runner stopped before the attempt ended
     LOST = "lost"  # the job no longer belongs to this attempt (lease expired and taken over)
+
+
+# An attempt stops this share of its lease (at most LEASE_MARGIN_MAX_S) before the lease runs
+# out, so its handler has unwound by the time another worker may take the job.
+LEASE_MARGIN_SHARE = 0.1
+LEASE_MARGIN_MAX_S = 1.0
+# Renew once a third of the lease is used, so two missed renewals still keep it.
+RENEW_WHEN_LEFT_SHARE = 2 / 3
+
+
+@dataclass(slots=True)
+class LocalLease:
+    """An attempt's lease as its own worker sees it, in seconds of the worker's monotonic clock.
+
+    `expires` counts from the moment the last successful claim or renewal was sent: the store's
+    `lease_until` was computed from a clock read after that, so this view never ends later than
+    the stored lease. A renewal that fails, hangs or answers late moves nothing.
+    """
+
+    lease_s: float
+    expires: float
+
+    @classmethod
+    def granted(cls, sent_at: float, lease_s: float) -> LocalLease:
+        """The lease of a claim (or renewal) sent at `sent_at` that succeeded."""
+        return cls(lease_s, sent_at + lease_s)
+
+    def renewed(self, sent_at: float) -> None:
+        """A renewal sent at `sent_at` succeeded."""
+        self.expires = max(self.expires, sent_at + self.lease_s)
+
+    @property
+    def stop_at(self) -> float:
+        """When the attempt must stop unless the lease was renewed by then."""
+        return self.expires - min(self.lease_s * LEASE_MARGIN_SHARE, LEASE_MARGIN_MAX_S)
+
+    def due(self, now: float) -> bool:
+        """True once the lease should be renewed."""
+        return self.expires - now < self.lease_s * RENEW_WHEN_LEFT_SHARE
+
+
+def overdue(now: float, deadline: float, lease: LocalLease) -> EndKind | None:
+    """Why an attempt still running at `now` must stop (None: it may go on).
+
+    The lease comes first: past it the job may belong to another worker, so the attempt ends as
+    LOST and records nothing; the store's lease sweep requeues (or times out) the job.
+    """
+    if now >= lease.stop_at:
+        return EndKind.LOST
+    if now >= deadline:
+        return EndKind.TIMED_OUT
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,10 @@ class JobsSettings(BaseSettings):
     store: str = "sqlite:///./jobs.db"
     # Start of every Redis key (redis:// stores), so several deployments can share one Redis.
     redis_prefix: str = Field("jobs:", min_length=1, max_length=64)
+    # Connections to Redis per process (one is held by the event listener); a store call waits
+    # up to redis_pool_timeout_s for a free one instead of failing, then answers 503.
+    redis_max_connections: int = Field(100, ge=2, le=100_000)
+    redis_pool_timeout_s: float = Field(5.0, gt=0)
     concurrency: int = Field(16, ge=1, le=1024)
     # Import paths of modules that register custom job types (comma-separated in the env).
     # NoDecode: the env value is "a.b,c.d" (or a JSON list), not JSON that pydantic-settings decodes.

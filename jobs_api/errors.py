@@ -64,7 +64,21 @@ class IdempotencyConflict(JobsError):
 
 
 class StoreUnavailable(JobsError):
-    """The job store cannot be reached."""
+    """The job store cannot be reached (for a submission: and nothing was stored)."""
 
     status = 503
     error_type = "store_unavailable"
+
+
+class OutcomeUnknown(JobsError):
+    """A submission's write was sent, but the store never said whether it was applied.
+
+    Not a 503, which promises nothing was stored: the job `job_id` may exist (now or shortly).
+    """
+
+    status = 504
+    error_type = "outcome_unknown"
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id

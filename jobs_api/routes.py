@@ -27,6 +27,7 @@ from jobs_api.errors import (
     BadRequest,
     JobNotFound,
     JobsError,
+    OutcomeUnknown,
     PayloadTooLarge,
     Unauthorized,
     ValidationFailed,
@@ -373,7 +374,13 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
         idempotency_key=key,
         request_hash=request_hash(body) if key is not None else None,
     )
-    stored, created = await app[STORE].create(job)
+    try:
+        stored, created = await app[STORE].create(job)
+    except OutcomeUnknown as exc:
+        # Not 503 (which says nothing was stored): give the id so the client can look it up.
+        log.warning("POST %s: %s", request.path, exc.message)
+        body = {"error": {"type": exc.error_type, "message": exc.message, "job_id": exc.job_id}}
+        return json_response(body, exc.status, {"Location": f"/v1/jobs/{exc.job_id}"})
     headers = {"Location": f"/v1/jobs/{stored.id}"}
     if created:
         app[METRICS].submitted.labels(stored.type).inc()
@@ -493,6 +500,21 @@ def sse_frame(event: JobEvent) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), orjson.dumps(data))
 
 
+def sse_error_frame(error_type: str, message: str) -> bytes:
+    """An `error` event: why a stream ends before the job's terminal state. It has no id, so a
+    client that reconnects with Last-Event-ID resumes after the last real event."""
+    body = orjson.dumps({"error": {"type": error_type, "message": message}})
+    return b"event: error\ndata: %s\n\n" % body
+
+
+async def end_stream_with_error(response: web.StreamResponse, error_type: str, message: str) -> None:
+    """Send an `error` event if the client still listens (the status line is long gone)."""
+    try:
+        await response.write(sse_error_frame(error_type, message))
+    except ConnectionResetError:
+        pass
+
+
 def ends_stream(event: JobEvent) -> bool:
     """The event after which a job's stream ends: its terminal state."""
     return event.type == "state" and JobStatus(event.data["status"]).terminal
@@ -534,15 +556,27 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             finally:
                 waiter.cancel()
             if stopping.done():
-                return response  # shutting down: the client resumes elsewhere with Last-Event-ID
+                # The client resumes elsewhere with Last-Event-ID.
+                await end_stream_with_error(response, "shutting_down", "the service is shutting down")
+                return response
             if loop.time() - last_write >= settings.sse_keepalive_s:
-                if await store.get(job.id) is None:
-                    return response  # purged after its retention: no terminal event will come
+                if await store.get(job.id) is None:  # purged after its retention: no terminal event
+                    await end_stream_with_error(response, "not_found", f"job {job.id} no longer exists")
+                    return response
                 await response.write(b": keepalive\n\n")
                 last_write = loop.time()
-    except (ConnectionResetError, JobsError) as exc:
-        # The response has started, so an error can no longer become a JSON body.
+    except ConnectionResetError as exc:
         log.debug("event stream of job %s ended: %s", job.id, exc)
+        return response
+    except JobsError as exc:
+        # The response has started, so the error goes out as an event, not as a JSON body.
+        log.warning("event stream of job %s ended: %s", job.id, exc.message)
+        await end_stream_with_error(response, exc.error_type, exc.message)
+        return response
+    except Exception:
+        log.exception("event stream of job %s failed", job.id)
+        message = "internal error; the server log has the details"
+        await end_stream_with_error(response, "internal_error", message)
         return response
     finally:
         stopping.cancel()

@@ -4,7 +4,11 @@ Life of an attempt: a worker claims the best queued job (highest priority, then 
 counts the attempt and leases the job to this runner), runs its handler in its own task until the
 job's deadline, then records how the attempt ended with one `store.mutate` (`attempts.settle`).
 While it runs, a watch loop renews the lease every ~lease_s/3 and stops the task when the job was
-cancelled (cancel_requested in the store) or no longer belongs to this attempt. A sweeper requeues
+cancelled (cancel_requested in the store) or no longer belongs to this attempt. The attempt also
+keeps its own view of the lease on the monotonic clock (`attempts.LocalLease`): if no renewal
+succeeded in time (the store is cut off, or a renewal hangs), the attempt is stopped before the
+lease runs out and records nothing, so it never runs on while another worker runs the job again.
+Each job's checks run in their own task, so one that hangs delays no other job. A sweeper requeues
 running jobs whose lease expired: that is how jobs of a crashed process (`kill -9`) are finished by
 the next one, within about lease_s (plus one sweep) of the crash, or at once when a restart
 happens later than that. Delivery is at least once: an attempt whose outcome could not be
@@ -36,9 +40,11 @@ import pydantic_core
 from jobs_api.attempts import (
     AttemptEnd,
     EndKind,
+    LocalLease,
     attempt_outcome,
     expire_lease,
     expire_queued,
+    overdue,
     owns,
     release,
     settle,
@@ -66,7 +72,9 @@ class _Running:
     job: Job
     ctx: JobContext
     task: asyncio.Task[Any]
+    lease: LocalLease
     reason: EndKind | None = None  # set when the runner itself stopped the attempt
+    check: asyncio.Task[None] | None = None  # the watch loop's check of this attempt, while it runs
 
     def stop(self, reason: EndKind) -> None:
         """Stop the attempt for `reason` (the first reason given wins)."""
@@ -102,6 +110,8 @@ class JobRunner:
         self._running: dict[str, _Running] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._loops: list[asyncio.Task[None]] = []
+        # Watch checks still waiting on the store (they may outlive their attempt a little).
+        self._checks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._store_down = False
@@ -162,6 +172,12 @@ class JobRunner:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        if self._checks:
+            # They end with the store's own timeouts; cancel only those that outlast the grace.
+            _, pending = await asyncio.wait(set(self._checks), timeout=CANCEL_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -183,6 +199,9 @@ class JobRunner:
         while not self._stopping:
             # Cleared before claiming: a wake() from here on makes the wait below return at once.
             self._wake.clear()
+            # Read before the wall clock the claim's lease is computed from: the local view of
+            # the lease then never ends later than the stored one.
+            sent_at = time.monotonic()
             try:
                 job = await self.store.claim(self.worker_id, self.clock(), self.settings.lease_s)
             except StoreUnavailable as exc:
@@ -208,7 +227,7 @@ class JobRunner:
                 except TimeoutError:
                     pass
                 continue
-            await self._run(job)
+            await self._run(job, LocalLease.granted(sent_at, self.settings.lease_s))
 
     async def _release(self, job: Job) -> None:
         now = self.clock()
@@ -219,7 +238,7 @@ class JobRunner:
         else:
             log.info("job %s: claimed while stopping; handed back to the queue", job.id)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, lease: LocalLease) -> None:
         log.info(
             "job %s (%s) running: attempt %d of %d on %s",
             job.id,
@@ -242,7 +261,8 @@ class JobRunner:
             return
         assert self._session is not None, "start() the runner first"
         ctx = JobContext(job, self._session, self.store, self.settings, clock=self.clock, rng=self.rng)
-        running = _Running(job, ctx, asyncio.create_task(self._call(handler, ctx), name=f"job-{job.id}"))
+        task = asyncio.create_task(self._call(handler, ctx), name=f"job-{job.id}")
+        running = _Running(job, ctx, task, lease)
         self._running[job.id] = running
         self.metrics.running.inc()
         try:
@@ -251,7 +271,8 @@ class JobRunner:
             del self._running[job.id]
             self.metrics.running.dec()
         await self._finish(job, end, ctx)
-        if ctx.unsaved and not await ctx.flush():
+        # A lost attempt's progress is no longer the job's (and the store may still be away).
+        if end.kind is not EndKind.LOST and ctx.unsaved and not await ctx.flush():
             log.warning("job %s: progress and log lines kept during a store outage are lost", job.id)
 
     @staticmethod
@@ -259,12 +280,28 @@ class JobRunner:
         return await handler(ctx)
 
     async def _attempt(self, running: _Running, remaining_s: float) -> AttemptEnd:
-        """Wait for the handler until the deadline; how the attempt ended."""
+        """Wait for the handler until the deadline or the end of the lease; how the attempt ended.
+
+        Timed on the monotonic clock alone, without the store: a cut-off store cannot delay it.
+        """
         task = running.task
+        deadline = time.monotonic() + remaining_s
         try:
-            done, _ = await asyncio.wait({task}, timeout=remaining_s)
-            if not done:
-                running.stop(EndKind.TIMED_OUT)
+            while running.reason is None and not task.done():
+                now = time.monotonic()
+                reason = overdue(now, deadline, running.lease)
+                if reason is EndKind.LOST:
+                    log.warning(
+                        "job %s: attempt %d could not renew its lease in time; stopping it and "
+                        "leaving the job to the lease sweep",
+                        running.job.id,
+                        running.job.attempts,
+                    )
+                if reason is not None:
+                    running.stop(reason)
+                    break
+                # Renewals move the lease on while this waits: look again when it would end.
+                await asyncio.wait({task}, timeout=min(deadline, running.lease.stop_at) - now)
             if running.reason is not None:
                 await self._drain(running)
         except asyncio.CancelledError:
@@ -442,14 +479,29 @@ class JobRunner:
             log.exception("job runner: %s failed", getattr(step, "__name__", step))
 
     async def watch(self) -> None:
-        """Renew the leases of jobs running here; stop those cancelled or no longer ours.
+        """Check each job running here in its own task (unless its last check still waits).
 
-        Also stores the progress and log lines handlers reported while the store was unavailable.
+        A check that hangs on the store is left to the store's own timeouts rather than
+        cancelled (cancelling a store call midway could leave a transaction open); the attempt's
+        own lease timer in `_attempt` stops the attempt in time regardless.
         """
-        lease_s = self.settings.lease_s
-        for job_id, running in list(self._running.items()):
+        for running in list(self._running.values()):
             if running.task.done() or running.reason is not None:
                 continue
+            if running.check is not None and not running.check.done():
+                continue
+            check = asyncio.create_task(self._check(running), name=f"jobs-watch-{running.job.id}")
+            running.check = check
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _check(self, running: _Running) -> None:
+        """Renew the attempt's lease; stop it if cancelled or no longer ours.
+
+        Also stores the progress and log lines its handler reported while the store was unavailable.
+        """
+        job_id = running.job.id
+        try:
             if running.ctx.unsaved and not await running.ctx.flush():
                 return  # the store is still unavailable: nothing to renew or check this time
             current = await self.store.get(job_id)
@@ -458,21 +510,29 @@ class JobRunner:
                     "job %s: attempt %d no longer owns the job; stopping it", job_id, running.job.attempts
                 )
                 running.stop(EndKind.LOST)
-                continue
+                return
             if current.cancel_requested:
                 log.info("job %s: cancellation requested; stopping it", job_id)
                 running.stop(EndKind.CANCELLED)
-                continue
-            now = self.clock()
-            # Renew once a third of the lease is used, so two missed renewals still keep it.
-            if current.lease_until is None or current.lease_until - now < lease_s * 2 / 3:
-                attempt = running.job
-                until = now + lease_s
+                return
+            if running.lease.due(time.monotonic()):
+                await self._renew(running)
+        except StoreUnavailable as exc:
+            log.warning("job %s: checking attempt %d failed: %s", job_id, running.job.attempts, exc)
+        except Exception:
+            log.exception("job %s: checking attempt %d failed", job_id, running.job.attempts)
 
-                def renew(job: Job, attempt: Job = attempt, until: float = until) -> Job:
-                    return job.model_copy(update={"lease_until": until}) if owns(job, attempt) else job
+    async def _renew(self, running: _Running) -> None:
+        attempt = running.job
+        sent_at = time.monotonic()  # before the wall clock `until` is computed from
+        until = self.clock() + self.settings.lease_s
 
-                await self.store.mutate(job_id, renew)
+        def renew(job: Job) -> Job:
+            return job.model_copy(update={"lease_until": until}) if owns(job, attempt) else job
+
+        after = await self.store.mutate(attempt.id, renew)
+        if owns(after, attempt):
+            running.lease.renewed(sent_at)
 
     async def sweep_leases(self) -> None:
         """Requeue (or end) running jobs whose lease expired: their worker died or stalled."""

@@ -39,12 +39,18 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from jobs_api.errors import IdempotencyConflict, JobNotFound, StoreUnavailable
+from jobs_api.errors import IdempotencyConflict, JobNotFound, OutcomeUnknown, StoreUnavailable
 from jobs_api.models import Job, JobStatus, transition
 from jobs_api.store.base import (
     EventHub,
@@ -62,6 +68,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX: Final = "jobs:"
 DEFAULT_RETENTION_S: Final = 7 * 24 * 3600.0
+# Connections per process, and how long a call waits for a free one (JOBS_REDIS_MAX_CONNECTIONS,
+# JOBS_REDIS_POOL_TIMEOUT_S): past the cap, calls queue for a connection rather than fail.
+DEFAULT_MAX_CONNECTIONS: Final = 100
+DEFAULT_POOL_TIMEOUT_S: Final = 5.0
 # Optimistic retries of one mutate before giving up (each one means another writer won).
 MAX_COMMIT_TRIES: Final = 100
 # A claim looks at this many of the best queued jobs per round, for this many rounds.
@@ -73,6 +83,9 @@ SCAN_CHUNK: Final = 200
 # Fail fast when Redis is away: /readyz and submissions answer 503 within about a second.
 CONNECT_TIMEOUT_S: Final = 1.0
 SOCKET_TIMEOUT_S: Final = 5.0
+# After a submission's write got no reply, how long (in socket timeouts) to keep re-sending it
+# (under the same id, so it applies at most once) before answering outcome_unknown (504).
+CONFIRM_TIMEOUTS: Final = 3
 
 # Also a read-only replica (after a failover) and a full Redis: the service cannot store jobs.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, OSError)
@@ -185,6 +198,10 @@ return 0
 """
 
 
+class _Unanswered(Exception):
+    """A command was sent and no answer came: Redis may or may not have run it."""
+
+
 class Keys:
     """Every Redis key (and the pub/sub channel) of one deployment, under one prefix."""
 
@@ -272,12 +289,22 @@ class RedisJobStore(JobStore):
     """Jobs in Redis, shared by any number of replicas (standalone Redis, not Cluster)."""
 
     def __init__(
-        self, url: str, *, prefix: str = DEFAULT_PREFIX, retention_s: float = DEFAULT_RETENTION_S
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+        socket_timeout_s: float = SOCKET_TIMEOUT_S,
     ) -> None:
         self.url = url
+        self.socket_timeout_s = socket_timeout_s
         self.safe_url = redacted_url(url)
         self.keys = Keys(prefix)
         self.retention_s = retention_s
+        self.max_connections = max_connections
+        self.pool_timeout_s = pool_timeout_s
         self._ttl = str(max(1, math.ceil(retention_s)))
         self._redis: aioredis.Redis | None = None
         self._hub = EventHub()
@@ -286,7 +313,14 @@ class RedisJobStore(JobStore):
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = DEFAULT_PREFIX, retention_s: float = DEFAULT_RETENTION_S
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+        socket_timeout_s: float = SOCKET_TIMEOUT_S,
     ) -> RedisJobStore:
         """`redis://[:password@]host[:port][/db]` or `rediss://` (TLS); nothing connects yet."""
         parts = urlsplit(url)
@@ -305,7 +339,16 @@ class RedisJobStore(JobStore):
             raise ValueError(f"the path of a Redis store URL is the database number, got {db!r}")
         if not prefix:
             raise ValueError("the Redis key prefix must not be empty (JOBS_REDIS_PREFIX)")
-        return cls(url, prefix=prefix, retention_s=retention_s)
+        if max_connections < 2:  # the event listener holds one for good
+            raise ValueError("the Redis pool needs at least 2 connections (JOBS_REDIS_MAX_CONNECTIONS)")
+        return cls(
+            url,
+            prefix=prefix,
+            retention_s=retention_s,
+            max_connections=max_connections,
+            pool_timeout_s=pool_timeout_s,
+            socket_timeout_s=socket_timeout_s,
+        )
 
     # --- connection ---
 
@@ -315,14 +358,19 @@ class RedisJobStore(JobStore):
         An unreachable Redis is not fatal here: the service starts, /readyz fails and requests
         answer 503 until it answers. Bad credentials are.
         """
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: under a burst, calls wait for a free connection (up to pool_timeout_s)
+        # instead of failing with "Too many connections" once max_connections are in use.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout_s,
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=self.socket_timeout_s,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=1),
             health_check_interval=10,
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
         self._closing = False
         client = self._redis
         self._commit = client.register_script(COMMIT)
@@ -445,8 +493,11 @@ class RedisJobStore(JobStore):
         args.append(str(len(events)))
         for kind, data in events:
             args.extend((kind, repr(after.updated_at), orjson.dumps(data).decode()))
-        async with self._unavailable():
-            result = await self._commit(keys=keys, args=args)
+        if before is None:
+            result = await self._send_once(COMMIT, self._commit.sha, keys, args)
+        else:
+            async with self._unavailable():
+                result = await self._commit(keys=keys, args=args)
         outcome = [str(part) for part in result]
         if outcome[0] == "ok" and events:
             self._hub.notify(after.id)
@@ -459,23 +510,83 @@ class RedisJobStore(JobStore):
             return None
         return Job.model_validate_json(data), str(version)
 
+    async def _send_once(self, script: str, sha: str, keys: list[str], args: list[str]) -> Any:
+        """Run a script exactly once on one connection, without redis-py's retry (a re-send).
+
+        StoreUnavailable when it certainly did not run (no connection, a failed health check);
+        `_Unanswered` once it was sent and no answer came, so it may or may not have run.
+        """
+        pool = self.redis.connection_pool
+        async with self._unavailable():
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with self._unavailable():
+                await conn.check_health()
+            try:
+                try:
+                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *args, check_health=False)
+                    return await conn.read_response()
+                except NoScriptError:  # an error reply: nothing ran; send the script itself
+                    await conn.send_command("EVAL", script, len(keys), *keys, *args, check_health=False)
+                    return await conn.read_response()
+            except (ReadOnlyError, OutOfMemoryError) as exc:  # an error reply: the script did not run
+                raise StoreUnavailable(f"redis {self.safe_url}: {exc}") from None
+            except _UNAVAILABLE as exc:
+                await conn.disconnect()  # its reply, if any, must never reach another caller
+                raise _Unanswered(f"redis {self.safe_url}: {exc or type(exc).__name__}") from None
+        finally:
+            await pool.release(conn)
+
     async def create(self, job: Job) -> tuple[Job, bool]:
-        """Store the job, or return the tenant's job with the same idempotency key."""
+        """Store the job, or return the tenant's job with the same idempotency key.
+
+        The write is one script under the job's id, chosen before it is sent. StoreUnavailable
+        means it was not stored: the write never left. If the write left and no answer came, it is
+        sent again (a second copy finds the job and writes nothing) until one is answered;
+        OutcomeUnknown if none is, within CONFIRM_TIMEOUTS socket timeouts.
+        """
         for _ in range(MAX_COMMIT_TRIES):
             if job.idempotency_key is not None:
                 existing = await self._idempotent(job)
                 if existing is not None:
                     return existing, False
-            outcome = await self._write(None, "", job)
+            try:
+                outcome = await self._write(None, "", job)
+            except _Unanswered as exc:
+                outcome = await self._write_again(job, str(exc))
             if outcome[0] == "ok":
                 return job, True
             if outcome[0] == "exists":
-                stored = await self.get(job.id)
-                if stored == job:  # our own write, retried after a lost reply
-                    return job, True
+                try:
+                    stored = await self.get(job.id)
+                except StoreUnavailable:
+                    return job, True  # a fresh id that exists is this write, applied by a copy
+                # Our own write, re-sent; a runner may have claimed the job since.
+                if stored is None or (stored.created_at, stored.tenant) == (job.created_at, job.tenant):
+                    return stored or job, True
                 raise ValueError(f"job {job.id} already exists")
             # "idem": another submission took the key in between; answer as it does.
         raise StoreUnavailable(f"redis: could not create job {job.id}: too much contention")
+
+    async def _write_again(self, job: Job, reason: str) -> list[str]:
+        """Re-send the create of `job` until Redis answers one copy (at most one applies)."""
+        delay = 0.05
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUTS * self.socket_timeout_s):
+                while True:
+                    try:
+                        return await self._write(None, "", job)
+                    except (StoreUnavailable, _Unanswered) as exc:
+                        # Even "never left" proves nothing now: the first copy may still apply.
+                        log.debug("job %s: create still unanswered: %s", job.id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+        except TimeoutError:
+            raise OutcomeUnknown(
+                f"{reason}; whether job {job.id} was stored is unknown: GET /v1/jobs/{job.id} to check, "
+                "or submit again with the same Idempotency-Key (it never runs twice)",
+                job.id,
+            ) from None
 
     async def _idempotent(self, job: Job) -> Job | None:
         """The job that used `job`'s idempotency key, if any (IdempotencyConflict if another body)."""

@@ -7,9 +7,11 @@ from typing import Any
 from jobs_api.attempts import (
     AttemptEnd,
     EndKind,
+    LocalLease,
     attempt_outcome,
     expire_lease,
     expire_queued,
+    overdue,
     owns,
     release,
     settle,
@@ -104,3 +106,23 @@ def test_attempt_outcome_labels(make_job: MakeJob) -> None:
     assert attempt_outcome(EndKind.LOST, retried) == "lost"
     assert attempt_outcome(EndKind.INTERRUPTED, retried) == "lost"
     assert attempt_outcome(EndKind.CANCELLED, cancelled) == "cancelled"
+
+
+def test_local_lease_counts_from_the_last_renewal_sent_and_stops_before_it_ends() -> None:
+    lease = LocalLease.granted(sent_at=100.0, lease_s=30.0)
+    assert lease.expires == 130.0 and lease.stop_at == 129.0  # margin: 10 %, at most 1 s
+    assert not lease.due(109.0) and lease.due(111.0)  # renew once a third is used
+    lease.renewed(sent_at=111.0)
+    assert lease.expires == 141.0
+    lease.renewed(sent_at=105.0)  # a late answer to an older renewal moves nothing back
+    assert lease.expires == 141.0
+    assert LocalLease.granted(0.0, 1.0).stop_at == 0.9
+
+
+def test_overdue_puts_the_lease_before_the_deadline() -> None:
+    lease = LocalLease.granted(sent_at=0.0, lease_s=10.0)
+    assert overdue(5.0, deadline=20.0, lease=lease) is None
+    assert overdue(9.0, deadline=20.0, lease=lease) is EndKind.LOST
+    assert overdue(5.0, deadline=5.0, lease=lease) is EndKind.TIMED_OUT
+    # Past both: the job may belong to another worker, so nothing is recorded from here.
+    assert overdue(25.0, deadline=20.0, lease=lease) is EndKind.LOST

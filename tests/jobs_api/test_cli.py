@@ -249,6 +249,16 @@ BAD_SETTINGS: dict[str, tuple[list[str], dict[str, str], tuple[str, ...]]] = {
     "handlers_not_importable": ([], {"JOBS_HANDLERS": "no_such_module.jobs"}, ("handlers", "no_such_module")),
     "negative_lease": ([], {"JOBS_LEASE_S": "-1"}, ("lease_s", "greater than 0")),
     "sse_keepalive_zero": ([], {"JOBS_SSE_KEEPALIVE_S": "0"}, ("sse_keepalive_s", "JOBS_SSE_KEEPALIVE_S")),
+    "redis_pool_of_one": (
+        [],
+        {"JOBS_REDIS_MAX_CONNECTIONS": "1"},
+        ("redis_max_connections", "JOBS_REDIS_MAX_CONNECTIONS"),
+    ),
+    "redis_pool_timeout_zero": (
+        [],
+        {"JOBS_REDIS_POOL_TIMEOUT_S": "0"},
+        ("redis_pool_timeout_s", "JOBS_REDIS_POOL_TIMEOUT_S"),
+    ),
 }
 
 

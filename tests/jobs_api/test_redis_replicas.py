@@ -22,12 +22,16 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio.connection import SSLConnection
+from prometheus_client import CollectorRegistry
+from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 
 from jobs_api.app import create_app
 from jobs_api.errors import StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext
+from jobs_api.keys import STORE
+from jobs_api.metrics import JobsMetrics
 from jobs_api.models import Job, JobStatus, request_cancel, transition
+from jobs_api.runner import JobRunner
 from jobs_api.store import open_store, redacted_url
 from jobs_api.store.base import JobEvent, JobQuery, LogLevel, LogLine
 from jobs_api.store.redis import Keys, RedisJobStore, order_member, sortable
@@ -40,6 +44,7 @@ from tests.jobs_api.conftest import (
     open_redis,
     prefixed_keys,
 )
+from tests.jobs_api.faults import FaultProxy
 from tests.jobs_api.test_cli import clean_env, start_jobs_proc
 from tests.jobs_api.test_routes import CHAT, inference
 
@@ -399,6 +404,274 @@ async def test_redis_outage_answers_503_and_a_running_job_is_persisted_once_redi
     finally:
         await client.close()
         await proxy.cut()
+
+
+# --- many concurrent store calls: the connection pool ---------------------------------------------
+
+
+async def hammer(base_url: str, job_ids: list[str], count: int) -> list[int]:
+    """`count` concurrent requests (GETs of `job_ids` and submissions), no client-side cap."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+
+        async def one(n: int) -> int:
+            if n % 3 == 0:
+                async with session.post(f"{base_url}/v1/jobs", json=inference()) as resp:
+                    await resp.read()
+                    return resp.status
+            async with session.get(f"{base_url}/v1/jobs/{job_ids[n % len(job_ids)]}") as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+@pytest.mark.parametrize("max_connections", [None, 4])
+async def test_300_concurrent_requests_wait_for_a_pooled_connection_instead_of_failing(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    max_connections: int | None,
+) -> None:
+    pool = {} if max_connections is None else {"redis_max_connections": max_connections}
+    settings = jobs_settings(gateway_url=refused_url, store=redis_url, redis_prefix=redis_prefix, **pool)
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, start_runner=False))
+    base_url = str(client.make_url("")).rstrip("/")
+    try:
+        resp = await client.post("/v1/jobs", json=inference())
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        statuses = await hammer(base_url, [job_id], 300)
+        assert statuses.count(200) == 200 and statuses.count(202) == 100, sorted(set(statuses))
+        store = client.app[STORE]
+        assert isinstance(store, RedisJobStore)
+        connections = store.redis.connection_pool
+        assert isinstance(connections, BlockingConnectionPool)
+        assert connections.max_connections == (max_connections or 100)
+    finally:
+        await client.close()
+
+
+async def test_an_event_stream_whose_store_breaks_ends_with_an_error_event(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    settings = jobs_settings(
+        gateway_url=refused_url,
+        store=proxy.url(int(target.path.strip("/") or 0)),
+        redis_prefix=redis_prefix,
+        sse_poll_s=0.05,
+    )
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, start_runner=False))
+    try:
+        resp = await client.post("/v1/jobs", json=inference())
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        async with client.get(f"/v1/jobs/{job_id}/events") as stream:
+            first = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)
+            assert first.startswith(b"id: ") and b"event: state" in first
+            await proxy.close()  # Redis is gone: every connection reset, new ones refused
+            rest = await asyncio.wait_for(stream.content.read(), 10)
+        assert rest.startswith(b"event: error\ndata: "), rest
+        frames = [frame for frame in rest.decode().split("\n\n") if frame]
+        assert len(frames) == 1
+        error = orjson.loads(frames[0].split("data: ", 1)[1])["error"]
+        assert error["type"] == "store_unavailable" and "redis" in error["message"]
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+# --- a submission whose reply is lost: the answer agrees with what was stored ----------------------
+
+
+async def app_behind(
+    proxy: FaultProxy,
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> tuple[TestClient[Any, Any], RedisJobStore]:
+    """A jobs app (no runner) whose Redis store talks through `proxy` with a 0.5 s socket timeout."""
+    db = int(urlsplit(redis_url).path.strip("/") or 0)
+    store = await open_redis(proxy.url(db), redis_prefix, socket_timeout_s=0.5)
+    settings = jobs_settings(gateway_url="http://127.0.0.1:9", redis_prefix=redis_prefix)
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, store=store, start_runner=False))
+    # Open a few connections (and load the scripts) while the proxy forwards.
+    warm = await asyncio.gather(*(client.post("/v1/jobs", json=inference()) for _ in range(5)))
+    assert [resp.status for resp in warm] == [202] * 5
+    return client, store
+
+
+async def test_a_submission_whose_reply_is_lost_answers_202_once_it_is_stored(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    direct = await open_redis(redis_url, redis_prefix)
+    client, store = await app_behind(proxy, aiohttp_client, jobs_settings, redis_url, redis_prefix)
+    try:
+        proxy.drop_replies()  # Redis runs every write; no answer comes back
+        posts = [asyncio.create_task(client.post("/v1/jobs", json=inference())) for _ in range(5)]
+        await until(lambda: asyncio.sleep(0, result=proxy.replies_dropped > 0), within_s=5, every_s=0.01)
+        # Longer than a socket timeout and redis-py's own re-send: a 503 here used to be a lie.
+        await asyncio.sleep(0.8)
+        proxy.heal()
+        answers = [await post for post in posts]
+        statuses = [resp.status for resp in answers]
+        # Every answer agrees with the store: nothing stored behind a 503.
+        assert await direct.count_by_status() == {JobStatus.QUEUED: 5 + statuses.count(202)}, statuses
+        # A 503 comes only from a write that never left (a new connection's handshake timed out).
+        assert set(statuses) <= {202, 503} and statuses.count(202) >= 3, statuses
+        ids = [(await resp.json())["id"] for resp in answers if resp.status == 202]
+        assert len(set(ids)) == len(ids)
+        for job_id in ids:  # stored once each: one job, one "queued" event
+            job = await direct.get(job_id)
+            assert job is not None and job.status is JobStatus.QUEUED
+            assert states(await direct.events_after(job_id, 0)) == [("queued", 0)]
+
+    finally:
+        await client.close()
+        await store.close()
+        await direct.close()
+        await proxy.close()
+
+
+async def test_a_submission_never_answered_is_not_a_503_but_names_the_job_to_check(
+    aiohttp_client: AiohttpClient,
+    jobs_settings: JobsSettingsFactory,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    direct = await open_redis(redis_url, redis_prefix)
+    client, store = await app_behind(proxy, aiohttp_client, jobs_settings, redis_url, redis_prefix)
+    try:
+        proxy.blackhole()  # a partition: the write may or may not have reached Redis
+        started = time.monotonic()
+        resp = await client.post("/v1/jobs", json=inference())
+        elapsed = time.monotonic() - started
+        body = await resp.json()
+        assert resp.status == 504, body
+        error = body["error"]
+        assert error["type"] == "outcome_unknown" and "unknown" in error["message"]
+        job_id = error["job_id"]
+        assert resp.headers["Location"] == f"/v1/jobs/{job_id}" and job_id in error["message"]
+        assert elapsed < 5, elapsed  # bounded: the first timeout plus three more
+        proxy.heal()
+        # Here the blackhole dropped the write, so the check says: not stored.
+        assert await direct.get(job_id) is None
+        resp = await client.get(f"/v1/jobs/{job_id}")
+        assert resp.status == 404
+    finally:
+        await client.close()
+        await store.close()
+        await direct.close()
+        await proxy.close()
+
+
+# --- a replica cut off from Redis: its lease runs out ---------------------------------------------
+
+
+async def test_a_replica_cut_off_from_redis_stops_its_attempt_by_the_lease_deadline(
+    jobs_settings: JobsSettingsFactory,
+    refused_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    make_job: MakeJob,
+) -> None:
+    """Two runners share Redis; one reaches it through a proxy that is then blackholed.
+
+    The cut-off runner cannot renew its lease, so it must stop its attempt before the lease runs
+    out (and record nothing); the other runner then runs the job to completion, once.
+    """
+    target = urlsplit(redis_url)
+    proxy = FaultProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    await proxy.start()
+    seen: list[tuple[str, float]] = []
+
+    async def stalls(ctx: JobContext) -> None:
+        seen.append(("a-started", time.monotonic()))
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append(("a-cancelled", time.monotonic()))
+            raise
+
+    async def finishes(ctx: JobContext) -> dict[str, str]:
+        seen.append(("b-started", time.monotonic()))
+        await asyncio.sleep(0.2)
+        seen.append(("b-finished", time.monotonic()))
+        return {"by": "b"}
+
+    lease_s = 1.5
+    settings = jobs_settings(gateway_url=refused_url, lease_s=lease_s, concurrency=1)
+    db = int(target.path.strip("/") or 0)
+    store_a = await open_redis(proxy.url(db), redis_prefix)
+    store_b = await open_redis(redis_url, redis_prefix)
+    runners = []
+    for name, handler, store in (("a", stalls, store_a), ("b", finishes, store_b)):
+        registry = HandlerRegistry()
+        registry.register("work", handler)
+        metrics = JobsMetrics(CollectorRegistry())
+        runners.append(JobRunner(store, settings, registry, metrics, worker_id=f"replica-{name}"))
+    runner_a, runner_b = runners
+    try:
+        await runner_a.start()
+        job, _ = await store_b.create(make_job(type="work", input={}, created_at=time.time()))
+        await until(lambda: asyncio.sleep(0, result=bool(seen)), within_s=5, every_s=0.01)
+        await asyncio.sleep(lease_s)  # renewals go through while Redis is reachable
+        running = await store_b.get(job.id)
+        assert running is not None and running.status is JobStatus.RUNNING
+        assert running.worker == "replica-a" and running.attempts == 1
+
+        proxy.blackhole()
+        cut_at = time.monotonic()
+        await runner_b.start()
+
+        async def finished() -> Job | None:
+            current = await store_b.get(job.id)
+            return current if current is not None and current.status.terminal else None
+
+        done = await until(finished, within_s=15, every_s=0.05)
+        assert [kind for kind, _ in seen] == ["a-started", "a-cancelled", "b-started", "b-finished"]
+        times = dict(seen)
+        # Its last renewal was sent before the cut, so the lease (less a margin) ends within lease_s.
+        assert times["a-cancelled"] - cut_at < lease_s, times["a-cancelled"] - cut_at
+        assert times["a-cancelled"] <= times["b-started"]  # never on two replicas at once
+        assert done.status is JobStatus.COMPLETED and done.result == {"by": "b"}
+        assert done.attempts == 2 and done.worker is None
+        events = await store_b.events_after(job.id, 0)
+        assert states(events) == [
+            ("queued", 0),
+            ("running", 1),
+            ("queued", 1),
+            ("running", 2),
+            ("completed", 2),
+        ]
+        requeued = [e for e in events if e.data["status"] == "queued"][1]
+        assert requeued.data["error"]["type"] == "worker_lost"  # by the sweep, not by replica a
+    finally:
+        await proxy.close()
+        for runner in runners:
+            await runner.stop()
+        await store_a.close()
+        await store_b.close()
 
 
 # --- real replicas ------------------------------------------------------------------------------

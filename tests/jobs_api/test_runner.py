@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,13 @@ from jobs_api.store.base import JobStore, LogLevel
 from jobs_api.store.redis import RedisJobStore
 from jobs_api.store.sqlite import SqliteJobStore
 from tests.conftest import AiohttpServer, MockUpstream, StartMock
-from tests.jobs_api.conftest import DEFAULT_TEST_REDIS_URL, JobsSettingsFactory, MakeJob, StartJobsGateway
+from tests.jobs_api.conftest import (
+    DEFAULT_TEST_REDIS_URL,
+    JobsSettingsFactory,
+    MakeJob,
+    StartJobsGateway,
+    open_sqlite,
+)
 
 # A gateway that forwards each request once and never ejects: every job attempt is one upstream call.
 ONE_SHOT = {"retry": {"max_attempts": 1}, "outlier": {"consecutive_failures": 100}, "strategy": "priority"}
@@ -544,6 +551,51 @@ async def test_running_jobs_lease_is_renewed(
     assert later.status is JobStatus.RUNNING and later.attempts == 1
     assert later.lease_until is not None and later.lease_until > first.lease_until + 0.5
     assert hung.stats.requests == 1
+
+
+async def test_a_worker_that_cannot_renew_its_sqlite_lease_stops_by_the_deadline(
+    store_path: Path, jobs_settings: JobsSettingsFactory, refused_url: str, make_job: MakeJob
+) -> None:
+    """Another connection holds the SQLite write lock, so renewals wait (busy_timeout) and fail:
+    the attempt stops before its lease runs out, records nothing, and the job runs again."""
+    store = await open_sqlite(store_path)
+    seen: list[tuple[str, float]] = []
+
+    async def stalls_once(ctx: JobContext) -> str:
+        seen.append(("started", time.monotonic()))
+        if ctx.job.attempts == 1:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                seen.append(("cancelled", time.monotonic()))
+                raise
+        return "done"
+
+    registry = HandlerRegistry()
+    registry.register("work", stalls_once)
+    lease_s = 1.0
+    settings = jobs_settings(gateway_url=refused_url, lease_s=lease_s, concurrency=1)
+    runner = JobRunner(store, settings, registry, JobsMetrics(CollectorRegistry()), worker_id="w1")
+    locker = sqlite3.connect(store_path, isolation_level=None, timeout=0)
+    try:
+        await runner.start()
+        job = await submit(store, make_job, runner, type="work", input={})
+        await wait_for(lambda: bool(seen))
+        await asyncio.sleep(lease_s)  # renewals go through while the file is writable
+        locker.execute("BEGIN IMMEDIATE")
+        locked_at = time.monotonic()
+        await wait_for(lambda: len(seen) == 2, timeout_s=3 * lease_s)
+        assert seen[1][0] == "cancelled" and seen[1][1] - locked_at < lease_s, seen[1][1] - locked_at
+        locker.execute("ROLLBACK")
+        done = await wait_status(store, job.id, JobStatus.COMPLETED, JobStatus.FAILED, timeout_s=10)
+        assert done.status is JobStatus.COMPLETED and done.attempts == 2 and done.result == "done"
+        assert [kind for kind, _ in seen] == ["started", "cancelled", "started"]
+        queued = [e for e in await store.events_after(job.id, 0) if e.data["status"] == "queued"]
+        assert queued[1].data["error"]["type"] == "worker_lost"  # the sweep requeued it
+    finally:
+        locker.close()
+        await runner.stop()
+        await store.close()
 
 
 async def test_stop_interrupts_and_requeues_running_jobs(
