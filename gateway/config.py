@@ -89,6 +89,24 @@ class UpstreamSettings(_Frozen):
     proxy: str | None = None
     # PEM CA bundle that verifies this https upstream, instead of the system's CAs.
     tls_ca_file: str | None = None
+    # Models served: a list of names, or a map from the name clients ask for to the name this
+    # upstream wants (an Azure deployment, say). Unset: every model.
+    models: dict[str, str] | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_map(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [m for m in value.split(",") if m.strip()]
+        if isinstance(value, list):
+            if not all(isinstance(m, str) for m in value):
+                raise ValueError("give model names as strings, or a map of client name: upstream name")
+            value = {m.strip(): m.strip() for m in value}
+        if isinstance(value, dict):
+            for client, upstream in value.items():
+                if not isinstance(client, str) or not client or not isinstance(upstream, str) or not upstream:
+                    raise ValueError(f"model names must be non-empty strings, got {client!r}: {upstream!r}")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -297,6 +315,42 @@ class OutlierSettings(_Frozen):
     max_rate_limit_cooldown_s: float = Field(60.0, ge=0)
 
 
+class CallerSettings(_Frozen):
+    """One caller of a shared gateway: its key and what it may spend."""
+
+    name: str = Field(min_length=1)
+    # The key itself (`${VAR}` is expanded from the environment), or its SHA-256 in hex, so the
+    # configuration need not hold the secret.
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+    # Client-facing model names (or aliases) it may ask for; unset: every model.
+    models: list[str] | None = None
+    max_inflight: int | None = Field(None, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _expand_key(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = expand_env_refs(value, os.environ)
+            if not value:
+                raise ValueError("the key is empty (an unset ${VAR}?)")
+        return value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _check_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hex digits (the SHA-256 of the key)")
+        return None if value is None else value.lower()
+
+    @model_validator(mode="after")
+    def _one_key(self) -> CallerSettings:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"caller {self.name!r}: give exactly one of key or key_sha256")
+        return self
+
+
 def _parse_upstreams(value: Any) -> Any:
     """Accept a JSON list, a comma-separated `[NAME=]URL` list, or a list of either."""
     if isinstance(value, str):
@@ -356,6 +410,12 @@ class GatewaySettings(BaseSettings):
     # Client connections served at once; by default derived from the open-files limit.
     max_connections: int | None = Field(None, ge=1)
     events_kept: int = Field(200, ge=1)
+    # Names clients may use for a model: {alias: model}, resolved before routing.
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    # Models to try, in order, when no upstream of the requested one can serve it.
+    model_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    # Callers of a shared gateway; when set, every proxied request must carry a caller's key.
+    callers: Annotated[list[CallerSettings], NoDecode] = Field(default_factory=list)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
     # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
     workers: int = Field(1, ge=1)
@@ -364,6 +424,16 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _split_upstreams(cls, value: Any) -> Any:
         return _parse_upstreams(value)
+
+    @field_validator("callers", mode="before")
+    @classmethod
+    def _callers_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return value
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -398,7 +468,34 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"upstream {up.name!r}: {exc}") from None
         if self.outlier.max_ejection_s < self.outlier.base_ejection_s:
             raise ValueError("outlier.max_ejection_s must be >= outlier.base_ejection_s")
+        self._check_models()
+        self._check_callers()
         return self
+
+    def _check_models(self) -> None:
+        declared = [up for up in self.upstreams if up.models is not None]
+        if not declared and (self.model_aliases or self.model_fallbacks):
+            raise ValueError("model_aliases and model_fallbacks need upstreams that declare their models")
+        served = {m for up in declared for m in up.models or {}}
+        everything = len(declared) < len(self.upstreams)  # some upstream serves every model
+        for alias, target in self.model_aliases.items():
+            if alias in served:
+                raise ValueError(f"model_aliases.{alias}: {alias!r} is already a model an upstream serves")
+            if target in self.model_aliases:
+                raise ValueError(f"model_aliases.{alias}: {target!r} is itself an alias; name the model")
+            if target not in served and not everything:
+                raise ValueError(f"model_aliases.{alias}: no upstream serves {target!r}")
+        for model, fallbacks in self.model_fallbacks.items():
+            for fallback in fallbacks:
+                if fallback not in served and not everything:
+                    raise ValueError(f"model_fallbacks.{model}: no upstream serves {fallback!r}")
+
+    def _check_callers(self) -> None:
+        names: set[str] = set()
+        for caller in self.callers:
+            if caller.name in names:
+                raise ValueError(f"callers: duplicate caller name {caller.name!r}")
+            names.add(caller.name)
 
 
 class _YamlSource(PydanticBaseSettingsSource):

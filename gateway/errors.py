@@ -57,3 +57,31 @@ class ClientTimeout(GatewayError):
 
     status = 408
     error_type = "request_timeout"
+
+
+class ModelNotFound(GatewayError):
+    """No upstream serves the model the request asks for."""
+
+    status = 404
+    error_type = "model_not_found"
+
+
+class Unauthorized(GatewayError):
+    """Callers are configured and the request carries no known caller key."""
+
+    status = 401
+    error_type = "unauthorized"
+
+
+class ModelNotAllowed(GatewayError):
+    """The caller may not use the model it asked for."""
+
+    status = 403
+    error_type = "model_not_allowed"
+
+
+class CallerLimited(GatewayError):
+    """The caller is over its requests_per_minute or max_inflight."""
+
+    status = 429
+    error_type = "caller_rate_limited"

@@ -133,8 +133,22 @@ class GatewayMetrics:
             "Requests abandoned by the client before the response was complete.",
             registry=registry,
         )
+        self.model_requests = Counter(
+            "gateway_model_requests",
+            "Requests answered when models or callers are configured, by model (configured names "
+            "and aliases; 'other' for the rest; empty when not routed by model), caller and code.",
+            ["model", "caller", "code"],
+            registry=registry,
+        )
+        self.model_fallbacks = Counter(
+            "gateway_model_fallbacks",
+            "Requests moved on to a fallback model, by the model and the fallback.",
+            ["model", "fallback"],
+            registry=registry,
+        )
         self.per_upstream = {u.name: UpstreamMetrics(self, u.name) for u in pool.upstreams}
         self._codes: dict[int, Counter] = {}
+        self._model_codes: dict[tuple[str, str, int], Counter] = {}
         registry.register(PoolCollector(pool, clock, requests_in_flight))
 
     def count_request(self, status: int, duration_s: float) -> None:
@@ -144,6 +158,14 @@ class GatewayMetrics:
             child = self._codes[status] = self.requests.labels(str(status))
         child.inc()
         self.request_duration.observe(duration_s)
+
+    def count_model_request(self, model: str, caller: str, status: int) -> None:
+        """Count one answered request by its (bounded) model and caller labels."""
+        key = (model, caller, status)
+        child = self._model_codes.get(key)
+        if child is None:
+            child = self._model_codes[key] = self.model_requests.labels(model, caller, str(status))
+        child.inc()
 
 
 class PoolCollector(Collector):

@@ -26,6 +26,7 @@ from types import TracebackType
 
 import orjson
 
+from gateway.admission import Admission, Admitted, ModelRoute
 from gateway.config import GatewaySettings, StreamCommit
 from gateway.errors import (
     BadRequest,
@@ -116,6 +117,8 @@ class _Exchange:
     tried: list[Upstream] = field(default_factory=list)
     plain_fields: bytes | None = None  # the upstream header block, when no upstream adds its own
     client_deadline: bool = False  # the deadline is the client's (X-Gateway-Timeout), not ours
+    admitted: Admitted | None = None  # caller and model, when callers or models are configured
+    refused: list[Upstream] = field(default_factory=list)  # upstreams that refused to connect
 
     @property
     def upstream(self) -> Upstream | None:
@@ -240,7 +243,10 @@ class Proxy:
         self._deadline_s = t.deadline_s
         self._deadline_header = t.deadline_header
         self._deadline_key = t.deadline_header.lower().encode()
-        self._fields = RequestFieldReader(extra=(t.deadline_header,))
+        self._admission = Admission(settings, clock())
+        # A caller's own credential is read, and never forwarded upstream.
+        consume = ("authorization", "api-key") if settings.callers else ()
+        self._fields = RequestFieldReader(extra=(t.deadline_header,), consume=consume)
         self._access_log = settings.access_log
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
         # and much cheaper on the hot path.
@@ -266,6 +272,8 @@ class Proxy:
             self._retry_gate.request_finished()
             duration = self._clock() - ex.started
             self._metrics.count_request(status, duration)
+            if ex.admitted is not None:
+                self._count_admitted(ex.admitted, status)
             if self._access_log:
                 self._log_access(request, ex, status, duration)
 
@@ -275,15 +283,60 @@ class Proxy:
         if escapes_prefix(request.target):
             raise BadRequest("the request path has '..' segments; send a normalised path")
         deadline = self._deadline(fields, ex)
+        if self._admission.needed:
+            listing = self._admission.listing(request.method, request.path)
+            if listing is not None:
+                responder.send(200, b"Content-Type: application/json\r\n", listing)
+                return 200
+            ex.admitted = Admitted()
+            ex.admitted.caller = self._admission.identify(
+                fields.get(b"authorization"), fields.get(b"api-key")
+            )
         body = _Body(None, True)
         try:
             await self._read_body(request, fields, body)
-            return await self._attempts(request, fields, responder, ex, body, deadline)
+            admitted = ex.admitted
+            if admitted is None:
+                return await self._attempts(request, fields, responder, ex, body, deadline)
+            return await self._admitted(request, fields, responder, ex, body, deadline, admitted)
         except RequestTimeout as exc:
             raise ClientTimeout(str(exc)) from None
         finally:
             if body.reserved:
                 self._buffers.release(body.reserved)
+
+    async def _admitted(
+        self,
+        request: Request,
+        fields: RequestFields,
+        responder: Responder,
+        ex: _Exchange,
+        body: _Body,
+        deadline: float | None,
+        admitted: Admitted,
+    ) -> int:
+        """Route by model and hold the caller's limits, then run the attempts."""
+        data = body.data
+        if data is None or isinstance(data, (bytes, bytearray)):
+            admitted.route = self._admission.route(request.method, data, True)
+        else:  # streamed once: too large to read its model
+            admitted.route = self._admission.route(request.method, b"", False)
+        caller = admitted.caller
+        if caller is None:
+            return await self._attempts(request, fields, responder, ex, body, deadline)
+        self._admission.check_caller(caller, admitted.route, self._clock())
+        caller.inflight += 1
+        try:
+            return await self._attempts(request, fields, responder, ex, body, deadline)
+        finally:
+            caller.inflight -= 1
+
+    def _count_admitted(self, admitted: Admitted, status: int) -> None:
+        route = admitted.route
+        models = self._admission.models
+        model = "" if route is None or models is None else models.label(route.model)
+        caller = "" if admitted.caller is None else admitted.caller.name
+        self._metrics.count_model_request(model, caller, status)
 
     async def _attempts(
         self,
@@ -295,7 +348,8 @@ class Proxy:
         deadline: float | None,
     ) -> int:
         now = self._clock()
-        choice = self._pool.choose(now, self._rng)
+        route = None if ex.admitted is None else ex.admitted.route
+        choice = self._pool.choose(now, self._rng) if route is None else self._first_choice(route, now)
         if choice is None:
             raise NoUpstreamAvailable(
                 self._pool.describe_unavailable(now), retry_after_s=self._pool.retry_after_s(now)
@@ -307,8 +361,9 @@ class Proxy:
             # Every attempt after the first runs on a retry slot taken by _admit_retry.
             gate = self._retry_gate if ex.attempts > 0 else None
             with _Attempt(up, gate, self._clock()) as attempt:
+                sent = body if route is None else _Body(route.body_for(up), True)
                 failure = await self._try(
-                    attempt, request, fields, ex, body, deadline, self._hold_streams, choice.wait_s
+                    attempt, request, fields, ex, sent, deadline, self._hold_streams, choice.wait_s
                 )
                 resp = attempt.response
                 if resp is not None and attempt.held:
@@ -467,13 +522,56 @@ class Proxy:
         wait_up_to_s = self._max_retry_after_wait_s
         if deadline is not None:
             wait_up_to_s = min(wait_up_to_s, deadline - now)
-        choice = self._pool.choose(now, self._rng, ex.tried, accept, wait_up_to_s)
+        choice = self._choose_retry(ex, now, accept, wait_up_to_s)
         if choice is None:
             self._retry_gate.release()
             self._metrics.retries_skipped.labels(GiveUpReason.NO_UPSTREAM).inc()
             return None
         self._metrics.retries.labels(decision.reason).inc()
         return choice
+
+    def _choose_retry(
+        self, ex: _Exchange, now: float, accept: Callable[[Upstream], bool] | None, wait_up_to_s: float
+    ) -> Choice | None:
+        """The retry's upstream; a routed request moves to its fallback model once the upstreams
+        of its model are spent (nothing routable, or only ones it already tried)."""
+        route = None if ex.admitted is None else ex.admitted.route
+        last = ex.attempts + 1 >= self._policy.max_attempts
+        pool, rng, tried, refused = self._pool, self._rng, ex.tried, ex.refused
+        if route is None:
+            return pool.choose(now, rng, tried, accept, wait_up_to_s, last=last, refused=refused)
+        choice = pool.choose(
+            now, rng, tried, _both(accept, route.accepts), wait_up_to_s, last=last, refused=refused
+        )
+        while route.has_fallback and (choice is None or choice.upstream in ex.tried):
+            at = route.at
+            self._fall_back(route)
+            fallback = pool.choose(
+                now, rng, tried, _both(accept, route.accepts), wait_up_to_s, last=last, refused=refused
+            )
+            if fallback is not None:
+                return fallback
+            if choice is not None:
+                route.at = at  # no fallback can take it: retry the model's own upstreams
+                return choice
+        return choice
+
+    def _first_choice(self, route: ModelRoute, now: float) -> Choice | None:
+        """The first upstream for a routed request: of its model, else of its fallbacks in turn."""
+        choice = self._pool.choose(now, self._rng, accept=route.accepts)
+        while choice is None and route.has_fallback:
+            self._fall_back(route)
+            choice = self._pool.choose(now, self._rng, accept=route.accepts)
+        return choice
+
+    def _fall_back(self, route: ModelRoute) -> None:
+        """Move a routed request on to its next fallback model."""
+        was = route.model
+        route.at += 1
+        models = self._admission.models
+        assert models is not None
+        self._metrics.model_fallbacks.labels(models.label(was), models.label(route.model)).inc()
+        log.info("model %s: no upstream could serve it; falling back to %s", was, route.model)
 
     async def _send(
         self,
@@ -517,6 +615,8 @@ class Proxy:
                 ex.attempts += 1
             now = self._clock()
             outcome = _outcome_of(exc)
+            if outcome is Outcome.CONNECT_ERROR:
+                ex.refused.append(up)  # down for this request: a retry in its tier goes elsewhere
             hit = deadline_bound and outcome is Outcome.TIMEOUT
             if hit and ex.client_deadline:
                 # The client's own deadline says nothing about the upstream: not a failure, no
@@ -664,6 +764,9 @@ class Proxy:
             self._names[up.index],
             ex.attempts,
         )
+        route = None if ex.admitted is None else ex.admitted.route
+        if route is not None:
+            tracing += b"X-Gateway-Model: %b\r\n" % route.model.encode()
         responder.start(resp.status, resp.reason, out.block + tracing, out.content_length)
         try:
             if start is not None or (
@@ -792,18 +895,23 @@ class Proxy:
         data = body.data
         if not self._can_continue or not isinstance(data, (bytes, bytearray)):
             return None
+        route = None if ex.admitted is None else ex.admitted.route
+        accept = _continues if route is None else _both(_continues, route.accepts)
+        models = self._admission.models
         while ex.attempts < self._policy.max_attempts:
-            cont = continuation_body(request.path, data, transcript)
-            if cont is None:
+            if continuation_body(request.path, data, transcript) is None:
                 return None
             if not await self._retry_gate.acquire(self._budget_wait_s):
                 self._metrics.retries_skipped.labels(GiveUpReason.BUDGET_EXHAUSTED).inc()
                 return None
-            choice = self._pool.choose(self._clock(), self._rng, ex.tried, _continues)
+            choice = self._pool.choose(self._clock(), self._rng, ex.tried, accept, panic=False)
             if choice is None:
                 self._retry_gate.release()
                 return None
             up = choice.upstream
+            model = None if route is None or models is None else models.upstream_name(up.index, route.model)
+            cont = continuation_body(request.path, data, transcript, model)
+            assert cont is not None
             results = self._metrics.per_upstream[up.name].continuations
             with _Attempt(up, self._retry_gate, self._clock()) as attempt:
                 await self._try(attempt, request, fields, ex, _Body(cont, True), None, True)
@@ -924,6 +1032,9 @@ class Proxy:
         responder.send(err.status, fields, orjson.dumps(payload))
 
     def _log_access(self, request: Request, ex: _Exchange, status: int, duration: float) -> None:
+        admitted = ex.admitted
+        route = None if admitted is None else admitted.route
+        caller = None if admitted is None or admitted.caller is None else admitted.caller.name
         access_log.info(
             orjson.dumps(
                 {
@@ -933,6 +1044,8 @@ class Proxy:
                     "path": request.path,
                     "status": status,
                     "upstream": ex.upstream.name if ex.upstream else None,
+                    "model": None if route is None else route.model,
+                    "caller": caller,
                     "attempts": ex.attempts,
                     "duration_s": round(duration, 6),
                 }
@@ -951,6 +1064,18 @@ def _larger_context_than(failed: Upstream) -> Callable[[Upstream], bool]:
 
     def accept(up: Upstream) -> bool:
         return (up.max_context or 0) > limit or up.priority > failed.priority
+
+    return accept
+
+
+def _both(
+    first: Callable[[Upstream], bool] | None, second: Callable[[Upstream], bool]
+) -> Callable[[Upstream], bool]:
+    if first is None:
+        return second
+
+    def accept(up: Upstream) -> bool:
+        return first(up) and second(up)
 
     return accept
 

@@ -57,6 +57,7 @@ _RESPONSE_KINDS: dict[bytes, int] = {
     b"x-request-id": _DROP,
     b"x-gateway-upstream": _DROP,
     b"x-gateway-attempts": _DROP,
+    b"x-gateway-model": _DROP,
 }
 
 
@@ -90,14 +91,17 @@ class RequestFields:
 
 
 class RequestFieldReader:
-    """Sorts request header fields in one pass; `extra` names are also captured (and forwarded)."""
+    """Sorts request header fields in one pass; `extra` names are also captured (and forwarded),
+    `consume` names are captured and never forwarded (a caller's own credential)."""
 
     __slots__ = ("_kinds",)
 
-    def __init__(self, extra: Iterable[str] = ()) -> None:
+    def __init__(self, extra: Iterable[str] = (), consume: Iterable[str] = ()) -> None:
         self._kinds = dict(_REQUEST_KINDS)
         for name in extra:
             self._kinds.setdefault(name.lower().encode(), _KEEP_AND_CAPTURE)
+        for name in consume:
+            self._kinds[name.lower().encode()] = _CAPTURE
 
     def read(self, fields: list[tuple[bytes, bytes]]) -> RequestFields:
         out = RequestFields()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 from gateway.config import Continuation, GatewaySettings, Strategy, UpstreamSettings
@@ -146,14 +146,20 @@ class Pool:
         tried: Sequence[Upstream] = (),
         accept: Callable[[Upstream], bool] | None = None,
         wait_up_to_s: float = 0.0,
+        panic: bool = True,
+        last: bool = False,
+        refused: Collection[Upstream] = (),
     ) -> Choice | None:
         """Pick the upstream for the next attempt, or None when nothing can take it.
 
         `tried` lists this request's earlier attempts, in order (an upstream once per attempt).
-        With `accept`, only upstreams it accepts are candidates, and there is no panic mode.
+        With `accept`, only upstreams it accepts are candidates (panic mode too); without
+        `panic`, there is no panic mode. For the `last` attempt an untried upstream of any tier
+        wins over trying one again, and upstreams that `refused` this request's connection are
+        not tried again while another can serve: the last chance goes where it can succeed.
         """
         if tried:
-            cands, healthy, wait_s = self._retry_candidates(now, tried, accept, wait_up_to_s)
+            cands, healthy, wait_s = self._retry_candidates(now, tried, accept, wait_up_to_s, last, refused)
         else:
             cands, healthy = self._candidates(now, accept)
             wait_s = 0.0
@@ -162,9 +168,9 @@ class Pool:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
             return Choice(pick(self.strategy, cands, rng), False, wait_s)
-        if healthy or accept is not None:
+        if healthy or not panic:
             return None  # all healthy ones are full: shed load rather than panic
-        return self._panic_choice(now, tried)
+        return self._panic_choice(now, tried, accept)
 
     def _candidates(
         self, now: float, accept: Callable[[Upstream], bool] | None
@@ -195,11 +201,42 @@ class Pool:
         tried: Sequence[Upstream],
         accept: Callable[[Upstream], bool] | None,
         wait_up_to_s: float,
+        last: bool,
+        refused: Collection[Upstream],
     ) -> tuple[list[Upstream], bool, float]:
         """Candidates for a retry, tier first (see the module docstring), and the wait before it."""
+        ready, soon, healthy = self._by_tier(now, accept, wait_up_to_s)
+        tiers = sorted(ready.keys() | soon.keys())
+        fresh_tiers = tiers if last else ()  # the last attempt: any untried upstream first
+        for tier in fresh_tiers:
+            fresh = [u for u in ready.get(tier, []) if u not in tried]
+            if fresh:
+                return fresh, healthy, 0.0
+        fallback: tuple[list[Upstream], float] | None = None
+        for tier in tiers:
+            here = ready.get(tier, [])
+            fresh = [u for u in here if u not in tried]
+            if fresh:
+                return fresh, healthy, 0.0
+            waiting = soon.get(tier, [])
+            again = self._again([u for u in here if u not in refused], waiting, now)
+            if not again[0]:
+                continue
+            spent = sum(1 for u in tried if u.priority == tier) >= max(2, len(here) + len(waiting))
+            if not spent:
+                return again[0], healthy, again[1]
+            fallback = fallback or again
+        if fallback is None:  # only upstreams that refused are left: better than nothing
+            return (ready[tiers[0]] if tiers and tiers[0] in ready else []), healthy, 0.0
+        return fallback[0], healthy, fallback[1]
+
+    def _by_tier(
+        self, now: float, accept: Callable[[Upstream], bool] | None, wait_up_to_s: float
+    ) -> tuple[dict[int, list[Upstream]], dict[int, list[Upstream]], bool]:
+        """Routable upstreams with capacity, and ones cooling down for at most `wait_up_to_s`, by tier."""
         healthy = False
         ready: dict[int, list[Upstream]] = {}
-        soon: dict[int, list[Upstream]] = {}  # cooling down, available within wait_up_to_s
+        soon: dict[int, list[Upstream]] = {}
         for u in self.upstreams:
             if accept is not None and not accept(u):
                 continue
@@ -214,21 +251,7 @@ class Pool:
                 and u.health.available_at(now) - now <= wait_up_to_s
             ):
                 soon.setdefault(u.priority, []).append(u)
-        fallback: tuple[list[Upstream], float] | None = None
-        for tier in sorted(ready.keys() | soon.keys()):
-            here = ready.get(tier, [])
-            fresh = [u for u in here if u not in tried]
-            if fresh:
-                return fresh, healthy, 0.0
-            again = self._again(here, soon.get(tier, []), now)
-            spent = sum(1 for u in tried if u.priority == tier) >= max(2, len(here) + len(soon.get(tier, [])))
-            if not spent:
-                return [*again[0]], healthy, again[1]
-            if fallback is None:
-                fallback = again
-        if fallback is None:
-            return [], healthy, 0.0
-        return fallback[0], healthy, fallback[1]
+        return ready, soon, healthy
 
     @staticmethod
     def _again(ready: list[Upstream], soon: list[Upstream], now: float) -> tuple[list[Upstream], float]:
@@ -240,8 +263,14 @@ class Pool:
         first = min(soon, key=lambda u: u.health.available_at(now))
         return [first], max(0.0, first.health.available_at(now) - now)
 
-    def _panic_choice(self, now: float, tried: Sequence[Upstream]) -> Choice | None:
-        cands = [u for u in self.upstreams if not u.health.drained and u.has_capacity and u not in tried]
+    def _panic_choice(
+        self, now: float, tried: Sequence[Upstream], accept: Callable[[Upstream], bool] | None
+    ) -> Choice | None:
+        cands = [
+            u
+            for u in self.upstreams
+            if not u.health.drained and u.has_capacity and u not in tried and (accept is None or accept(u))
+        ]
         if not cands:
             return None
         best = min(cands, key=lambda u: (u.health.available_at(now), u.priority, cost(u)))

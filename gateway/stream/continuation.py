@@ -65,8 +65,13 @@ def _several_choices(data: Any) -> bool:
     return isinstance(choices, list) and any(isinstance(c, dict) and c.get("index", 0) != 0 for c in choices)
 
 
-def continuation_body(path: str, body: bytes | bytearray, transcript: Transcript) -> bytes | None:
-    """The request body that continues `transcript`, or None when this answer cannot be continued."""
+def continuation_body(
+    path: str, body: bytes | bytearray, transcript: Transcript, model: str | None = None
+) -> bytes | None:
+    """The request body that continues `transcript`, or None when this answer cannot be continued.
+
+    `model`, if given, is the name the continuing upstream wants for the request's model.
+    """
     if not transcript.continuable or not transcript.text or transcript.complete:
         return None
     try:
@@ -77,6 +82,8 @@ def continuation_body(path: str, body: bytes | bytearray, transcript: Transcript
         return None
     if not _lower_max_tokens(request, transcript.chunks):
         return None
+    if model is not None:
+        request["model"] = model
     if path.endswith(CHAT_PATH):
         messages = request.get("messages")
         if not isinstance(messages, list):

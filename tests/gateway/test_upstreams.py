@@ -832,3 +832,19 @@ def test_abandoned_attempt_raises_the_estimate_but_never_lowers_it() -> None:
     assert a.latency_s == 0.5
     pool.record_abandoned(a, 4.0, 2.0)  # waited 4 s for nothing: at least that slow
     assert a.latency_s == 4.0
+
+
+def test_the_last_attempt_goes_to_an_untried_upstream_of_any_tier() -> None:
+    pool = make_pool({"name": "primary", "priority": 0}, {"name": "backup", "priority": 1})
+    primary, backup = pool.upstreams
+    assert pool.choose(0.0, random.Random(0), (primary,), last=True) == Choice(backup, False)
+
+
+def test_an_upstream_that_refused_the_connection_is_not_retried_while_another_can_serve() -> None:
+    pool = make_pool({"name": "primary", "priority": 0}, {"name": "backup", "priority": 1})
+    primary, backup = pool.upstreams
+    rng = random.Random(0)
+    assert pool.choose(0.0, rng, (primary,), refused=(primary,)) == Choice(backup, False)
+    lone = make_pool("only")
+    (only,) = lone.upstreams
+    assert lone.choose(0.0, rng, (only,), refused=(only,)) == Choice(only, False)  # nothing else
