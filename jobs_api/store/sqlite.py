@@ -1,5 +1,9 @@
 """SQLite job store: one file in WAL mode, every change in a BEGIN IMMEDIATE transaction.
 
+Every way out of a write ends its transaction (a cancelled request included), SQLite errors are
+StoreUnavailable, and after a failed write (a full disk, a lock held too long) `ping`, so
+`/readyz`, fails until a write works again.
+
 A job is kept whole as JSON next to the columns that queries filter and sort on. One connection
 serves the process and an asyncio lock keeps transactions from interleaving on it; several
 processes may share the file (busy_timeout), though only one should run workers.
@@ -8,11 +12,12 @@ processes may share the file (busy_timeout), though only one should run workers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -66,7 +71,14 @@ CREATE TABLE IF NOT EXISTS logs (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, id);
+CREATE TABLE IF NOT EXISTS write_probe (data BLOB);
 """
+# What the readiness probe writes while writes are failing: about a job with large input.
+PROBE_BYTES = 64 * 1024
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _COLUMNS = (
     "id, tenant, type, status, priority, created_at, run_after, lease_until, finished_at, "
@@ -90,6 +102,20 @@ def _row(job: Job) -> tuple[Any, ...]:
     )
 
 
+async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
+    """Run `step` to its end even if the caller is cancelled meanwhile (re-raised afterwards)."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
+
+
 def _job(data: str | bytes) -> Job:
     return Job.model_validate_json(data)
 
@@ -102,6 +128,8 @@ class SqliteJobStore(JobStore):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._hub = EventHub()
+        # Why the last write failed; None once a write changed something (or before any failed).
+        self._write_failure: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SqliteJobStore:
@@ -118,13 +146,21 @@ class SqliteJobStore(JobStore):
         if self.path.parent and not self.path.parent.exists():
             raise StoreUnavailable(f"directory {self.path.parent} does not exist")
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.executescript(SCHEMA)
+            self._db = await self._connect()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.executescript(SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
+        return db
 
     async def close(self) -> None:
         """Close the connection."""
@@ -135,29 +171,51 @@ class SqliteJobStore(JobStore):
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise StoreUnavailable("the store is not open")
+            raise StoreUnavailable(self._write_failure or "the store is not open")
         return self._db
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A BEGIN IMMEDIATE transaction, committed on success and rolled back on any error."""
+        """A BEGIN IMMEDIATE transaction: committed when the block ends, rolled back on any other exit.
+
+        Every exit ends the transaction, a cancellation at any await included: aiosqlite runs a
+        statement on its own thread even when the awaiting task is cancelled (a cancelled BEGIN
+        still begins), and runs statements in order, so the ROLLBACK queued after it always ends
+        what it began. A SQLite error becomes StoreUnavailable and marks writes as failing (see
+        `ping`) until a write changes something again.
+        """
         async with self._lock:
             db = self.db
+            changes = db.total_changes
             try:
                 await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from None
-            try:
                 yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                await _to_the_end(self._roll_back(db))
+                if isinstance(exc, sqlite3.Error):
+                    self._write_failure = f"sqlite: {exc}"
+                    raise StoreUnavailable(self._write_failure) from None
                 raise
-            else:
-                try:
-                    await db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    await db.execute("ROLLBACK")
-                    raise StoreUnavailable(f"sqlite commit failed: {exc}") from None
+            if db.total_changes != changes:
+                self._write_failure = None
+
+    async def _roll_back(self, db: aiosqlite.Connection) -> None:
+        """End whatever transaction `db` has open (none is fine); reconnect if even that fails."""
+        try:
+            await db.rollback()  # sqlite3's rollback() does nothing outside a transaction
+        except sqlite3.Error as exc:
+            # Closing the connection is the one sure end of its transaction.
+            log.error("sqlite %s: rollback failed (%s); reconnecting", self.path, exc)
+            self._write_failure = f"sqlite: rollback failed: {exc}"
+            self._db = None
+            try:
+                await db.close()
+                self._db = await self._connect()
+            except sqlite3.Error as again:
+                log.error("sqlite %s: cannot reconnect: %s", self.path, again)
+        except ValueError:
+            pass  # the connection was closed meanwhile (close()), which ended the transaction
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         async with self._lock:
@@ -168,8 +226,16 @@ class SqliteJobStore(JobStore):
                 raise StoreUnavailable(f"sqlite: {exc}") from None
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless a trivial query answers."""
+        """Raise StoreUnavailable unless a query answers and, after a write failed, a write works.
+
+        The probe writes (and deletes) PROBE_BYTES, so a database that is still full stays not
+        ready, and one that has room again is ready again without waiting for traffic.
+        """
         await self._read("SELECT 1")
+        if self._write_failure is not None:
+            async with self._write() as db:
+                await db.execute("INSERT INTO write_probe (data) VALUES (zeroblob(?))", (PROBE_BYTES,))
+                await db.execute("DELETE FROM write_probe")
 
     async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
         events = event_for(before, after)
