@@ -32,7 +32,7 @@ from jobs_api.errors import (
     ValidationFailed,
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
-from jobs_api.models import Job, JobStatus, is_job_id, new_job_id, request_cancel
+from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,10 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     key = idempotency_key(request)
+    depth = settings.max_input_depth
+    for name, value in body.items():
+        if nested_deeper_than(value, depth):
+            raise ValidationFailed(f"{name}: nested more than {depth} levels deep (JOBS_MAX_INPUT_DEPTH)")
     try:
         spec = JobSubmit.model_validate(body)
     except ValidationError as exc:

@@ -55,7 +55,9 @@ from jobs_api.store.base import (
     LogLine,
     Mutation,
     event_for,
+    load_job,
     redacted_url,
+    undecodable,
 )
 
 log = logging.getLogger(__name__)
@@ -457,7 +459,7 @@ class RedisJobStore(JobStore):
             data, version = await self.redis.hmget(self.keys.job(job_id), ["data", "v"])
         if data is None:
             return None
-        return Job.model_validate_json(data), str(version)
+        return load_job(data), str(version)
 
     async def create(self, job: Job) -> tuple[Job, bool]:
         """Store the job, or return the tenant's job with the same idempotency key."""
@@ -531,9 +533,14 @@ class RedisJobStore(JobStore):
                     async with self._unavailable():
                         await self.redis.zrem(self.keys.queue, member)
                     continue
-                before = Job.model_validate_json(data)
+                before = load_job(data)
                 if before.status is not JobStatus.QUEUED or before.run_after > now:
                     continue  # changed since the peek, or promoted by a replica whose clock runs ahead
+                if undecodable(before):  # it can never run: it fails alone rather than stop the queue
+                    failed = transition(before, JobStatus.FAILED, now)
+                    if (await self._write(before, str(version), failed))[0] == "ok":
+                        log.warning("job %s cannot be read back (nested too deep); failed it", before.id)
+                    continue
                 after = transition(
                     before,
                     JobStatus.RUNNING,
@@ -552,7 +559,7 @@ class RedisJobStore(JobStore):
         """The job, or None (also once it expired after its retention)."""
         async with self._unavailable():
             data = await self.redis.hget(self.keys.job(job_id), "data")
-        return None if data is None else Job.model_validate_json(data)
+        return None if data is None else load_job(data)
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
         """Jobs matching `query`, newest first, plus the next page's cursor."""
@@ -589,7 +596,7 @@ class RedisJobStore(JobStore):
         for data in rows:
             if data is None:
                 continue  # expired after its retention; purge_finished drops the member
-            job = Job.model_validate_json(data)
+            job = load_job(data)
             if query.type is not None and job.type != query.type:
                 continue
             jobs.append(job)

@@ -33,6 +33,8 @@ from jobs_api.store.base import (
     LogLine,
     Mutation,
     event_for,
+    load_job,
+    undecodable,
 )
 
 SCHEMA = """
@@ -114,10 +116,6 @@ async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return task.result()
-
-
-def _job(data: str | bytes) -> Job:
-    return Job.model_validate_json(data)
 
 
 class SqliteJobStore(JobStore):
@@ -256,7 +254,7 @@ class SqliteJobStore(JobStore):
                 ) as cur:
                     row = await cur.fetchone()
                 if row is not None:
-                    existing = _job(row[0])
+                    existing = load_job(row[0])
                     if existing.request_hash != job.request_hash:
                         raise IdempotencyConflict(
                             f"Idempotency-Key {job.idempotency_key!r} was already used "
@@ -271,7 +269,7 @@ class SqliteJobStore(JobStore):
     async def get(self, job_id: str) -> Job | None:
         """The job, or None."""
         rows = await self._read("SELECT data FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0][0]) if rows else None
+        return load_job(rows[0][0]) if rows else None
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
         """Jobs matching `query`, newest first, plus the next page's cursor."""
@@ -301,13 +299,36 @@ class SqliteJobStore(JobStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(query.limit + 1)
         rows = await self._read(sql, tuple(params))
-        jobs = [_job(r[0]) for r in rows[: query.limit]]
+        jobs = [load_job(r[0]) for r in rows[: query.limit]]
         cursor = (jobs[-1].created_at, jobs[-1].id) if len(rows) > query.limit else None
         return jobs, cursor
 
     async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
         """Take the best eligible queued job under a lease, counting the attempt."""
         async with self._write() as db:
+            before, changed = await self._next_queued(db, now)
+            claimed = None
+            if before is not None:
+                claimed = transition(
+                    before,
+                    JobStatus.RUNNING,
+                    now,
+                    attempts=before.attempts + 1,
+                    worker=worker,
+                    lease_until=now + lease_s,
+                )
+                await self._update(db, claimed)
+                await self._record(db, before, claimed)
+                changed.append(claimed.id)
+        for job_id in changed:
+            self._hub.notify(job_id)
+        return claimed
+
+    async def _next_queued(self, db: aiosqlite.Connection, now: float) -> tuple[Job | None, list[str]]:
+        """The best eligible queued job, and the ids of those failed on the way to it: a job that
+        cannot be read back can never run, so it fails alone rather than stop the queue."""
+        failed: list[str] = []
+        while True:
             async with db.execute(
                 "SELECT data FROM jobs WHERE status = 'queued' AND run_after <= ? "
                 "ORDER BY priority DESC, created_at, id LIMIT 1",
@@ -315,20 +336,15 @@ class SqliteJobStore(JobStore):
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
-                return None
-            before = _job(row[0])
-            after = transition(
-                before,
-                JobStatus.RUNNING,
-                now,
-                attempts=before.attempts + 1,
-                worker=worker,
-                lease_until=now + lease_s,
-            )
+                return None, failed
+            job = load_job(row[0])
+            if not undecodable(job):
+                return job, failed
+            after = transition(job, JobStatus.FAILED, now)
             await self._update(db, after)
-            await self._record(db, before, after)
-        self._hub.notify(after.id)
-        return after
+            await self._record(db, job, after)
+            log.warning("job %s cannot be read back (nested too deep); failed without running", job.id)
+            failed.append(job.id)
 
     async def _update(self, db: aiosqlite.Connection, job: Job) -> None:
         await db.execute(
@@ -352,7 +368,7 @@ class SqliteJobStore(JobStore):
                 row = await cur.fetchone()
             if row is None:
                 raise JobNotFound(f"job {job_id} not found")
-            before = _job(row[0])
+            before = load_job(row[0])
             after = change(before)
             if after == before:
                 return before
