@@ -1,14 +1,14 @@
 """JobRunner: in-process asyncio workers that claim jobs under a lease and run their handlers.
 
-Life of an attempt: a worker claims the best queued job (highest priority, then oldest; the claim
-counts the attempt and leases the job to this runner), runs its handler in its own task until the
-job's deadline, then records how the attempt ended with one `store.mutate` (`attempts.settle`).
-While it runs, a watch loop renews the lease every ~lease_s/3 and stops the task when the job was
-cancelled (cancel_requested in the store) or no longer belongs to this attempt. A sweeper requeues
-running jobs whose lease expired: that is how jobs of a crashed process (`kill -9`) are finished by
-the next one, within about lease_s (plus one sweep) of the crash, or at once when a restart
-happens later than that. Delivery is at least once: an attempt whose outcome could not be
-recorded runs again after its lease expires.
+Life of an attempt: a worker claims the best queued job (highest priority, tenants in turn, then
+oldest; the claim counts the attempt and leases the job to this runner), runs its handler in its
+own task until the job's deadline, then records how the attempt ended with one `store.mutate`
+(`attempts.settle`). While it runs, a watch loop renews the lease every ~lease_s/3 and stops the
+task when the job was cancelled (cancel_requested in the store) or no longer belongs to this
+attempt. A sweeper requeues running jobs whose lease expired: that is how jobs of a crashed
+process (`kill -9`) are finished by the next one, within about lease_s (plus one sweep) of the
+crash, or at once when a restart happens later than that. Delivery is at least once: an attempt
+whose outcome could not be recorded runs again after its lease expires.
 
 This module does the I/O; what each step changes is decided by the pure functions of
 `jobs_api.attempts`. Every write of an attempt (its outcome, a lease renewal) runs inside

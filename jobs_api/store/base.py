@@ -2,8 +2,9 @@
 
 Changes are pure functions of a Job (status changes through models.transition) applied by
 `mutate` (and `claim`), which a backend runs atomically (read, apply, write, record events,
-commit) before anyone is told. Each committed change appends events with store-wide increasing
-ids, which `/events` streams and `Last-Event-ID` resumes from. The backends share the event
+commit) before anyone is told. Each committed change appends events numbered per job (so an id
+says nothing about other tenants' activity), which `/events` streams and `Last-Event-ID` resumes
+from. The backends share the event
 bookkeeping (`event_for`, `EventHub`) and `redacted_url` from here.
 """
 
@@ -208,7 +209,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
-        """Atomically take the best eligible queued job (highest priority, then oldest)."""
+        """Atomically take the best eligible queued job: highest priority; within it, tenants
+        take turns (one just served goes after those waiting); a tenant's jobs oldest first."""
 
     @abstractmethod
     async def mutate(self, job_id: str, change: Mutation) -> Job:

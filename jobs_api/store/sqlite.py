@@ -49,22 +49,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     finished_at REAL,
     idempotency_key TEXT,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    fair_tag INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, created_at, id);
-CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (tenant, created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (status, lease_until);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
     time REAL NOT NULL,
     type TEXT NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -72,8 +67,32 @@ CREATE TABLE IF NOT EXISTS logs (
     level INTEGER NOT NULL,
     message TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, id);
+CREATE TABLE IF NOT EXISTS fair_clock (priority INTEGER PRIMARY KEY, tag INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fair_tenants (
+    priority INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    tag INTEGER NOT NULL,
+    PRIMARY KEY (priority, tenant)
+);
 CREATE TABLE IF NOT EXISTS write_probe (data BLOB);
+"""
+# Columns a file made by an earlier version lacks: (table, column, definition, how to fill it).
+# Old events keep their store-wide id as their number, so a client's Last-Event-ID still fits.
+ADDED_COLUMNS = (
+    ("jobs", "fair_tag", "INTEGER NOT NULL DEFAULT 0", None),
+    ("events", "seq", "INTEGER NOT NULL DEFAULT 0", "UPDATE events SET seq = id"),
+)
+INDEXES = """
+DROP INDEX IF EXISTS jobs_queue;
+DROP INDEX IF EXISTS events_job;
+CREATE INDEX IF NOT EXISTS jobs_fair_queue ON jobs (status, priority DESC, fair_tag, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (tenant, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (status, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_seq ON events (job_id, seq);
+CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, id);
 """
 # What the readiness probe writes while writes are failing: about a job with large input.
 PROBE_BYTES = 64 * 1024
@@ -84,11 +103,28 @@ T = TypeVar("T")
 
 _COLUMNS = (
     "id, tenant, type, status, priority, created_at, run_after, lease_until, finished_at, "
-    "idempotency_key, data"
+    "idempotency_key, data, fair_tag"
 )
 
 
-def _row(job: Job) -> tuple[Any, ...]:
+async def _add_columns(db: aiosqlite.Connection) -> None:
+    """Bring a file made by an earlier version up to SCHEMA (one transaction: another process
+    opening it at the same time waits, then finds nothing to do)."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition, fill in ADDED_COLUMNS:
+            columns = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if fill is not None:
+                    await db.execute(fill)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.rollback()
+        raise
+
+
+def _row(job: Job, fair_tag: int) -> tuple[Any, ...]:
     return (
         job.id,
         job.tenant or "",
@@ -101,6 +137,7 @@ def _row(job: Job) -> tuple[Any, ...]:
         job.finished_at,
         job.idempotency_key,
         job.model_dump_json(),
+        fair_tag,
     )
 
 
@@ -155,6 +192,8 @@ class SqliteJobStore(JobStore):
             await db.execute("PRAGMA busy_timeout=5000")
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(SCHEMA)
+            await _add_columns(db)
+            await db.executescript(INDEXES)
         except BaseException:
             await db.close()
             raise
@@ -238,8 +277,10 @@ class SqliteJobStore(JobStore):
     async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
         events = event_for(before, after)
         for kind, data in events:
+            # Numbered per job: an event id says nothing about other jobs (or tenants).
             await db.execute(
-                "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, ?, ?)",
+                "INSERT INTO events (job_id, seq, time, type, data) VALUES (?1, "
+                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1), ?2, ?3, ?4)",
                 (after.id, after.updated_at, kind, orjson.dumps(data).decode()),
             )
         return bool(events)
@@ -261,10 +302,37 @@ class SqliteJobStore(JobStore):
                             "with a different request"
                         )
                     return existing, False
-            await db.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _row(job))
+            tag = await self._fair_tag(db, job) if job.status is JobStatus.QUEUED else 0
+            await db.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _row(job, tag)
+            )
             await self._record(db, None, job)
         self._hub.notify(job.id)
         return job, True
+
+    async def _fair_tag(self, db: aiosqlite.Connection, job: Job) -> int:
+        """The new job's turn among the queued jobs of its priority (start-time fair queuing).
+
+        Claims take the lowest tag first. A tenant's jobs get increasing tags, and a job never
+        gets one below its priority's clock (the tag of the last claimed job): so tenants take
+        turns, and one that waits goes before one that was just served, however many jobs the
+        other has queued.
+        """
+        tenant = job.tenant or ""
+        async with db.execute(
+            "SELECT MAX(COALESCE((SELECT tag FROM fair_clock WHERE priority = ?1), 0), "
+            "COALESCE((SELECT tag + 1 FROM fair_tenants WHERE priority = ?1 AND tenant = ?2), 1))",
+            (job.priority, tenant),
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        tag = int(row[0])
+        await db.execute(
+            "INSERT INTO fair_tenants (priority, tenant, tag) VALUES (?, ?, ?) "
+            "ON CONFLICT (priority, tenant) DO UPDATE SET tag = excluded.tag",
+            (job.priority, tenant, tag),
+        )
+        return tag
 
     async def get(self, job_id: str) -> Job | None:
         """The job, or None."""
@@ -325,13 +393,14 @@ class SqliteJobStore(JobStore):
         return claimed
 
     async def _next_queued(self, db: aiosqlite.Connection, now: float) -> tuple[Job | None, list[str]]:
-        """The best eligible queued job, and the ids of those failed on the way to it: a job that
-        cannot be read back can never run, so it fails alone rather than stop the queue."""
+        """The best eligible queued job (its turn taken: the clock moves to its tag), and the ids
+        of those failed on the way to it: a job that cannot be read back can never run, so it
+        fails alone rather than stop the queue."""
         failed: list[str] = []
         while True:
             async with db.execute(
-                "SELECT data FROM jobs WHERE status = 'queued' AND run_after <= ? "
-                "ORDER BY priority DESC, created_at, id LIMIT 1",
+                "SELECT data, fair_tag FROM jobs WHERE status = 'queued' AND run_after <= ? "
+                "ORDER BY priority DESC, fair_tag, created_at, id LIMIT 1",
                 (now,),
             ) as cur:
                 row = await cur.fetchone()
@@ -339,6 +408,11 @@ class SqliteJobStore(JobStore):
                 return None, failed
             job = load_job(row[0])
             if not undecodable(job):
+                await db.execute(
+                    "INSERT INTO fair_clock (priority, tag) VALUES (?, ?) "
+                    "ON CONFLICT (priority) DO UPDATE SET tag = MAX(tag, excluded.tag)",
+                    (job.priority, row[1]),
+                )
                 return job, failed
             after = transition(job, JobStatus.FAILED, now)
             await self._update(db, after)
@@ -386,7 +460,7 @@ class SqliteJobStore(JobStore):
     async def events_after(self, job_id: str, after_id: int) -> list[JobEvent]:
         """Events of the job after `after_id`."""
         rows = await self._read(
-            "SELECT id, job_id, type, data, time FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+            "SELECT seq, job_id, type, data, time FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
             (job_id, after_id),
         )
         return [JobEvent(r[0], r[1], r[2], orjson.loads(r[3]), r[4]) for r in rows]
