@@ -21,12 +21,12 @@ Indexes (sorted sets; all key names come from `Keys`):
 - listings `idx:all`, `idx:tenant:{t}`, `idx:status:{s}`, `idx:tenant-status:{t}:{s}`: score 0,
   member `order(created_at):id`, read newest first with ZREVRANGEBYLEX (cursor = member bound).
 
-Events go to a stream per job, `events:{id}`, with the entry id `{n}-0` numbered per job (one
-past the stream's last entry), so an id says nothing about other jobs; replay is XRANGE. A pub/sub message
-on `{prefix}events` (the job id) wakes waiters in every replica; it may be lost, which only delays
-a waiter until its timeout. Logs are a capped list. When a job ends, its hash, events, logs and
-idempotency key get EXPIRE(retention_s); `purge_finished` deletes them earlier if asked and always
-cleans the indexes, so nothing grows without bound.
+Events go to a stream per job, `events:{id}`, with the entry id `{n}-0` numbered per job (one past
+the stream's last entry), so an id says nothing about other jobs; replay is XRANGE. A pub/sub
+message on `{prefix}events` (the job id) wakes waiters in every replica; it may be lost, which
+only delays a waiter until its timeout. Logs are a capped list. When a job ends, its hash, events,
+logs and idempotency key get EXPIRE(retention_s); `purge_finished` deletes them earlier if asked
+and always cleans the indexes, so nothing grows without bound.
 """
 
 from __future__ import annotations
