@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from jobs_api.models import MAX_JSON_DEPTH
+
 
 class ApiKey(BaseModel):
     """What an API key grants: the tenant it acts for and its roles."""
@@ -41,6 +43,12 @@ class JobsSettings(BaseSettings):
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
     # Largest accepted request body on submission, in bytes.
     max_input_bytes: int = Field(1024 * 1024, ge=1024)
+    # Deepest nesting of lists and objects accepted in a submission's input and metadata.
+    max_input_depth: int = Field(64, ge=1, le=MAX_JSON_DEPTH)
+    # Highest priority a caller may give a job (higher is refused with 422); the lowest is -1000.
+    max_priority: int = Field(10, ge=0, le=1000)
+    # A listing page ends before its JSON would pass this many bytes (next_cursor goes on from there).
+    max_list_bytes: int = Field(1024 * 1024, ge=1024)
     retention_s: float = Field(7 * 24 * 3600.0, gt=0)
     lease_s: float = Field(30.0, gt=0)
     # How often a worker polls an empty queue (a submission in this process wakes it at once).

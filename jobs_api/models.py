@@ -3,6 +3,7 @@
 A job is queued, then running (one attempt at a time), then ends in exactly one terminal state:
 completed, failed, cancelled or timed_out. A running attempt that fails retryably goes back to
 queued with a later `run_after`; a crashed worker's job goes back to queued when its lease expires.
+A queued job that cannot even be read back (stored nested too deep) fails without running.
 Every status change goes through `transition`, which refuses anything the table does not allow
 and any change of a job that has ended, so `finished_at` is stamped once. Changes that keep the
 status are plain copies: lease renewal (runner), progress (the handler context) and the cancel
@@ -19,6 +20,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs_api.errors import InvalidTransition
+
+# Deepest JSON (containers inside containers) a job's input, metadata or result may hold: a stored
+# job is read back by pydantic's JSON parser, which stops at 200 levels (the job and its field
+# are two of them), and orjson writes at most 254.
+MAX_JSON_DEPTH = 128
 
 
 class JobStatus(StrEnum):
@@ -40,7 +46,14 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT})
 
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.TIMED_OUT}),
+    JobStatus.QUEUED: frozenset(
+        {
+            JobStatus.RUNNING,
+            JobStatus.FAILED,  # it can never run: stored too deep to read back (store.base.load_job)
+            JobStatus.CANCELLED,
+            JobStatus.TIMED_OUT,
+        }
+    ),
     JobStatus.RUNNING: frozenset(
         {
             JobStatus.QUEUED,  # retry later, or requeued after its worker died
@@ -112,6 +125,27 @@ class Job(BaseModel):
     def deadline(self) -> float:
         """Wall-clock time by which the whole job must end (timeout_s from creation)."""
         return self.created_at + self.timeout_s
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """True when `value` has more than `limit` levels of lists and dicts (a scalar has 0).
+
+    Iterative, so a value of any depth is measured without recursion; it stops at the first
+    container past the limit.
+    """
+    if not isinstance(value, _CONTAINERS):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _CONTAINERS))
+    return False
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def new_job_id() -> str:

@@ -33,7 +33,7 @@ from jobs_api.errors import (
     ValidationFailed,
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
-from jobs_api.models import Job, JobStatus, is_job_id, new_job_id, request_cancel
+from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ PRINCIPAL: Final = web.RequestKey("principal", Principal)
 DEFAULT_LIST_LIMIT: Final = 20
 MAX_LIST_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY: Final = 255
+# A listing's JSON around its jobs: `{"jobs":[`, `],"next_cursor":"<about 80 characters>"}`.
+LIST_ENVELOPE_BYTES: Final = 128
 READ_CHUNK: Final = 64 * 1024
 # Fields of a batch submission that describe the job rather than its input.
 JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
@@ -351,10 +353,16 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     key = idempotency_key(request)
+    depth = settings.max_input_depth
+    for name, value in body.items():
+        if nested_deeper_than(value, depth):
+            raise ValidationFailed(f"{name}: nested more than {depth} levels deep (JOBS_MAX_INPUT_DEPTH)")
     try:
         spec = JobSubmit.model_validate(body)
     except ValidationError as exc:
         raise ValidationFailed(describe(exc)) from None
+    if spec.priority > settings.max_priority:
+        raise ValidationFailed(f"priority: must be at most {settings.max_priority} (JOBS_MAX_PRIORITY)")
     job_input = app[HANDLERS].validate_input(spec.type, spec.input)
     timeout_s = spec.timeout_s if spec.timeout_s is not None else settings.default_timeout_s
     if timeout_s > settings.max_timeout_s:
@@ -460,12 +468,21 @@ async def list_jobs(request: web.Request) -> web.Response:
         cursor=None if not cursor else decode_cursor(cursor),
     )
     jobs, next_cursor = await request.app[STORE].list_jobs(query)
-    return json_response(
-        {
-            "jobs": [job_view(job, with_input=False) for job in jobs],
-            "next_cursor": None if next_cursor is None else encode_cursor(next_cursor),
-        }
-    )
+    # The page ends early rather than pass max_list_bytes; its cursor then goes on after its last
+    # job. A single job over the limit still makes a page of its own, so paging always advances.
+    room = request.app[SETTINGS].max_list_bytes - LIST_ENVELOPE_BYTES
+    views: list[bytes] = []
+    for index, job in enumerate(jobs):
+        view = orjson.dumps(job_view(job, with_input=False))
+        room -= len(view) + 1
+        if views and room < 0:
+            last = jobs[index - 1]
+            next_cursor = (last.created_at, last.id)
+            break
+        views.append(view)
+    tail = orjson.dumps(None if next_cursor is None else encode_cursor(next_cursor))
+    body = b'{"jobs":[' + b",".join(views) + b'],"next_cursor":' + tail + b"}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def cancel_job(request: web.Request) -> web.Response:

@@ -1,18 +1,18 @@
 """JobRunner: in-process asyncio workers that claim jobs under a lease and run their handlers.
 
-Life of an attempt: a worker claims the best queued job (highest priority, then oldest; the claim
-counts the attempt and leases the job to this runner), runs its handler in its own task until the
-job's deadline, then records how the attempt ended with one `store.mutate` (`attempts.settle`).
-While it runs, a watch loop renews the lease every ~lease_s/3 and stops the task when the job was
-cancelled (cancel_requested in the store) or no longer belongs to this attempt. The attempt also
-keeps its own view of the lease on the monotonic clock (`attempts.LocalLease`): if no renewal
-succeeded in time (the store is cut off, or a renewal hangs), the attempt is stopped before the
-lease runs out and records nothing, so it never runs on while another worker runs the job again.
-Each job's checks run in their own task, so one that hangs delays no other job. A sweeper requeues
-running jobs whose lease expired: that is how jobs of a crashed process (`kill -9`) are finished by
-the next one, within about lease_s (plus one sweep) of the crash, or at once when a restart
-happens later than that. Delivery is at least once: an attempt whose outcome could not be
-recorded runs again after its lease expires.
+Life of an attempt: a worker claims the best queued job (highest priority, tenants in turn, then
+oldest; the claim counts the attempt and leases the job to this runner), runs its handler in its
+own task until the job's deadline, then records how the attempt ended with one `store.mutate`
+(`attempts.settle`). While it runs, a watch loop renews the lease every ~lease_s/3 and stops the
+task when the job was cancelled (cancel_requested in the store) or no longer belongs to this
+attempt. The attempt also keeps its own view of the lease on the monotonic clock
+(`attempts.LocalLease`): if no renewal succeeded in time (the store is cut off, or a renewal
+hangs), the attempt is stopped before the lease runs out and records nothing, so it never runs
+on while another worker runs the job again. Each job's checks run in their own task, so one that
+hangs delays no other job. A sweeper requeues running jobs whose lease expired: that is how jobs
+of a crashed process (`kill -9`) are finished by the next one, within about lease_s (plus one
+sweep) of the crash, or at once when a restart happens later than that. Delivery is at least
+once: an attempt whose outcome could not be recorded runs again after its lease expires.
 
 This module does the I/O; what each step changes is decided by the pure functions of
 `jobs_api.attempts`. Every write of an attempt (its outcome, a lease renewal) runs inside
@@ -30,7 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,7 +53,7 @@ from jobs_api.config import JobsSettings
 from jobs_api.errors import JobNotFound, StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext, PermanentError, RetryableError, backoff_s
 from jobs_api.metrics import JobsMetrics
-from jobs_api.models import Job, JobError, JobStatus
+from jobs_api.models import MAX_JSON_DEPTH, Job, JobError, JobStatus, nested_deeper_than
 from jobs_api.store.base import JobQuery, JobStore, LogLevel, LogLine
 
 log = logging.getLogger(__name__)
@@ -329,18 +329,26 @@ class JobRunner:
         if task.cancelled():  # cancelled by something other than the runner
             return AttemptEnd(EndKind.INTERRUPTED)
         exc = task.exception()
-        if exc is None:
-            return self._completed(job, task.result())
-        return self._failed(job, exc)
+        end = AttemptEnd(EndKind.COMPLETED, result=task.result()) if exc is None else self._failed(job, exc)
+        return end if end.result is None else self._storable(job, end)
 
-    def _completed(self, job: Job, result: Any) -> AttemptEnd:
-        try:
-            pydantic_core.to_json(result)
-        except Exception as exc:  # the result must be storable as JSON
-            message = f"handler of {job.type!r} returned a result that is not JSON ({type(exc).__name__})"
-            log.error("job %s: %s: %s", job.id, message, exc)
-            return AttemptEnd(EndKind.FAILED, error=JobError(type="handler_error", message=message))
-        return AttemptEnd(EndKind.COMPLETED, result=result)
+    def _storable(self, job: Job, end: AttemptEnd) -> AttemptEnd:
+        """`end`, unless its result cannot be stored as JSON and read back: then the job fails
+        (a failure keeps its error and drops the result)."""
+        if nested_deeper_than(end.result, MAX_JSON_DEPTH):
+            message = f"the result is nested more than {MAX_JSON_DEPTH} levels deep, too deep to store"
+            error = JobError(type="result_too_deep", message=message)
+        else:
+            try:
+                pydantic_core.to_json(end.result)
+                return end
+            except Exception as exc:
+                message = f"handler of {job.type!r} returned a result that is not JSON ({type(exc).__name__})"
+                error = JobError(type="handler_error", message=message)
+        log.error("job %s: %s", job.id, message)
+        if end.kind is EndKind.COMPLETED:
+            return AttemptEnd(EndKind.FAILED, error=error)
+        return replace(end, result=None)
 
     def _failed(self, job: Job, exc: BaseException) -> AttemptEnd:
         settings = self.settings

@@ -2,8 +2,9 @@
 
 Changes are pure functions of a Job (status changes through models.transition) applied by
 `mutate` (and `claim`), which a backend runs atomically (read, apply, write, record events,
-commit) before anyone is told. Each committed change appends events with store-wide increasing
-ids, which `/events` streams and `Last-Event-ID` resumes from. The backends share the event
+commit) before anyone is told. Each committed change appends events numbered per job (so an id
+says nothing about other tenants' activity), which `/events` streams and `Last-Event-ID` resumes
+from. The backends share the event
 bookkeeping (`event_for`, `EventHub`) and `redacted_url` from here.
 """
 
@@ -17,9 +18,64 @@ from enum import IntEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobs_api.models import Job, JobStatus
+import orjson
+from pydantic import ValidationError
+
+from jobs_api.models import MAX_JSON_DEPTH, Job, JobError, JobStatus, nested_deeper_than
 
 Mutation = Callable[[Job], Job]
+
+# The error type of a stored job that cannot be read back whole (see `load_job`).
+UNDECODABLE = "undecodable"
+# What a field too deep to read back becomes.
+_EMPTIED: dict[str, Any] = {"input": {}, "metadata": {}, "result": None}
+
+
+def load_job(data: str | bytes) -> Job:
+    """The job stored as `data`; one that cannot be read back whole still comes back.
+
+    Input, metadata or a result nested deeper than pydantic's JSON parser reads (stored by an
+    earlier version, which took any depth) is emptied, and a job that has not ended gets an
+    `undecodable` error naming it; `claim` fails such a job (`undecodable`) instead of stopping on it.
+    """
+    try:
+        return Job.model_validate_json(data)
+    except ValidationError:
+        salvaged = _salvage(data)
+        if salvaged is None:
+            raise
+        return salvaged
+
+
+def _salvage(data: str | bytes) -> Job | None:
+    try:
+        raw = orjson.loads(data)  # orjson reads 1024 levels, deeper than anything stored could be
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    fields = [name for name in _EMPTIED if nested_deeper_than(raw.get(name), MAX_JSON_DEPTH)]
+    if not fields:
+        return None
+    raw.update((name, _EMPTIED[name]) for name in fields)
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError:
+        return None
+    if job.status.terminal and job.error is not None:
+        return job  # keep why it ended
+    message = (
+        f"the job's {' and '.join(fields)} {'is' if len(fields) == 1 else 'are'} nested more than "
+        f"{MAX_JSON_DEPTH} levels deep and cannot be read back"
+    )
+    if not job.status.terminal:
+        message += ", so the job cannot run"
+    return job.model_copy(update={"error": JobError(type=UNDECODABLE, message=message)})
+
+
+def undecodable(job: Job) -> bool:
+    """True for a job `load_job` could not read whole that has not ended: it can only fail."""
+    return not job.status.terminal and job.error is not None and job.error.type == UNDECODABLE
 
 
 def redacted_url(url: str) -> str:
@@ -153,7 +209,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
-        """Atomically take the best eligible queued job (highest priority, then oldest)."""
+        """Atomically take the best eligible queued job: highest priority; within it, tenants
+        take turns (one just served goes after those waiting); a tenant's jobs oldest first."""
 
     @abstractmethod
     async def mutate(self, job_id: str, change: Mutation) -> Job:

@@ -7,21 +7,26 @@ events and publishes a wake-up, all at once (another writer in between makes it 
 parses the job's JSON, so timestamps keep their full precision.
 
 Indexes (sorted sets; all key names come from `Keys`):
-- `queue`: claimable jobs, score -priority, member `order(created_at):id`, so ZRANGE order is
-  priority desc, then oldest, then id. `delayed`: queued jobs with a future `run_after` (score),
-  moved into `queue` by the claim once due.
+- `queue`: claimable jobs, score -priority, member `{tag}:order(created_at):id`, so ZRANGE order
+  is priority desc, then tag, then oldest. The tag (`t` and 16 hex digits, kept in the job hash)
+  is the job's turn among its priority's jobs, start-time fair queuing between tenants as in
+  SQLite: a tenant's jobs get increasing tags, never below the priority's clock (the tag of the
+  last claimed job), both kept in the `fair` hash. Jobs stored before tags existed have none and
+  keep the member `order:id`, which sorts before any tag (hex digits < `t`): they go first, like
+  SQLite's tag 0. `delayed`: queued jobs with a future `run_after` (score), member
+  `{-priority}|{queue member}`, moved into `queue` by the claim once due.
 - `leases`: running jobs by lease_until, for `expired_leases`.
 - `finished`: terminal jobs by finished_at, for `purge_finished`; the member carries what the
   purge needs to clean the indexes after the job's own keys expired.
 - listings `idx:all`, `idx:tenant:{t}`, `idx:status:{s}`, `idx:tenant-status:{t}:{s}`: score 0,
   member `order(created_at):id`, read newest first with ZREVRANGEBYLEX (cursor = member bound).
 
-Events go to a stream per job, `events:{id}`, with the entry id `{n}-0` taken from one INCR
-counter, so ids increase across the whole store as in SQLite; replay is XRANGE. A pub/sub message
-on `{prefix}events` (the job id) wakes waiters in every replica; it may be lost, which only delays
-a waiter until its timeout. Logs are a capped list. When a job ends, its hash, events, logs and
-idempotency key get EXPIRE(retention_s); `purge_finished` deletes them earlier if asked and always
-cleans the indexes, so nothing grows without bound.
+Events go to a stream per job, `events:{id}`, with the entry id `{n}-0` numbered per job (one past
+the stream's last entry), so an id says nothing about other jobs; replay is XRANGE. A pub/sub
+message on `{prefix}events` (the job id) wakes waiters in every replica; it may be lost, which
+only delays a waiter until its timeout. Logs are a capped list. When a job ends, its hash, events,
+logs and idempotency key get EXPIRE(retention_s); `purge_finished` deletes them earlier if asked
+and always cleans the indexes, so nothing grows without bound.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ from jobs_api.store.base import (
     LogLine,
     Mutation,
     event_for,
+    load_job,
     redacted_url,
+    undecodable,
 )
 
 log = logging.getLogger(__name__)
@@ -90,14 +97,14 @@ CONFIRM_TIMEOUTS: Final = 3
 # Also a read-only replica (after a failover) and a full Redis: the service cannot store jobs.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, OSError)
 
-# KEYS: 1 job, 2 events, 3 logs, 4 idempotency, 5 event counter, 6 queue, 7 delayed, 8 leases,
+# KEYS: 1 job, 2 events, 3 logs, 4 idempotency, 5 fair, 6 queue, 7 delayed, 8 leases,
 #   9 finished, 10 idx:all, 11 idx:tenant, 12 idx:status:old, 13 idx:tenant-status:old,
 #   14 idx:status:new, 15 idx:tenant-status:new
 # ARGV: 1 expected version ('' = create), 2 job JSON, 3 id, 4 order member, 5 old status ('' on
-#   create), 6 new status, 7 old delayed member, 8 new delayed member ('' = claimable at once, into
-#   the queue), 9 run_after, 10 queue score, 11 lease_until, 12 old finished member, 13 new
-#   finished member, 14 finished_at, 15 ttl seconds, 16 has idempotency key ('1'/'0'), 17 channel,
-#   18 event count, then (type, time, data) for each event.
+#   create), 6 new status, 7 tenant, 8 '1' if a queued job waits in `delayed` ('' = claimable at
+#   once, into the queue), 9 run_after, 10 queue score (-priority), 11 lease_until, 12 old finished
+#   member, 13 new finished member, 14 finished_at, 15 ttl seconds, 16 has idempotency key
+#   ('1'/'0'), 17 channel, 18 event count, then (type, time, data) for each event.
 # A Lua error would leave earlier writes in place, so every argument is checked in Python first.
 COMMIT: Final = """
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -115,6 +122,17 @@ end
 local version = (tonumber(v) or 0) + 1
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'v', version)
 local id, member, old, new = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local score = ARGV[10]
+local tag = redis.call('HGET', KEYS[1], 'tag')
+if creating and new == 'queued' then
+  local turn = score .. ':' .. ARGV[7]
+  local n = math.max(tonumber(redis.call('HGET', KEYS[5], score)) or 0,
+    (tonumber(redis.call('HGET', KEYS[5], turn)) or 0) + 1)
+  redis.call('HSET', KEYS[5], turn, n)
+  tag = string.format('t%016x', n)
+  redis.call('HSET', KEYS[1], 'tag', tag)
+end
+local queued = tag and (tag .. ':' .. member) or member
 if creating then
   redis.call('ZADD', KEYS[10], 0, member)
   redis.call('ZADD', KEYS[11], 0, member)
@@ -127,26 +145,34 @@ if old ~= new then
   redis.call('ZADD', KEYS[14], 0, member)
   redis.call('ZADD', KEYS[15], 0, member)
 end
-redis.call('ZREM', KEYS[6], member)
-if ARGV[7] ~= '' then redis.call('ZREM', KEYS[7], ARGV[7]) end
+redis.call('ZREM', KEYS[6], queued)
+if old == 'queued' and not creating then redis.call('ZREM', KEYS[7], score .. '|' .. queued) end
 redis.call('ZREM', KEYS[8], id)
 if ARGV[12] ~= '' then redis.call('ZREM', KEYS[9], ARGV[12]) end
 if new == 'queued' then
   if ARGV[8] == '' then
-    redis.call('ZADD', KEYS[6], ARGV[10], member)
+    redis.call('ZADD', KEYS[6], score, queued)
   else
-    redis.call('ZADD', KEYS[7], ARGV[9], ARGV[8])
+    redis.call('ZADD', KEYS[7], ARGV[9], score .. '|' .. queued)
   end
 elseif new == 'running' then
   redis.call('ZADD', KEYS[8], ARGV[11], id)
+  if old == 'queued' and tag then  -- a claim: the priority's clock moves to the claimed job's turn
+    local n = tonumber(string.sub(tag, 2), 16)
+    if n > (tonumber(redis.call('HGET', KEYS[5], score)) or 0) then redis.call('HSET', KEYS[5], score, n) end
+  end
 elseif ARGV[13] ~= '' then
   redis.call('ZADD', KEYS[9], ARGV[14], ARGV[13])
 end
 local count = tonumber(ARGV[18])
-for i = 0, count - 1 do
-  local n = redis.call('INCR', KEYS[5])
-  redis.call('XADD', KEYS[2], n .. '-0', 'type', ARGV[19 + 3 * i], 'time', ARGV[20 + 3 * i],
-    'data', ARGV[21 + 3 * i])
+if count > 0 then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  local n = last and tonumber(string.match(last[1], '^%d+')) or 0
+  for i = 0, count - 1 do
+    n = n + 1
+    redis.call('XADD', KEYS[2], n .. '-0', 'type', ARGV[19 + 3 * i], 'time', ARGV[20 + 3 * i],
+      'data', ARGV[21 + 3 * i])
+  end
 end
 if count > 0 then redis.call('PUBLISH', ARGV[17], id) end
 if ARGV[13] ~= '' then
@@ -207,7 +233,7 @@ class Keys:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
-        self.event_counter = f"{prefix}event-counter"
+        self.fairness = f"{prefix}fair"
         self.queue = f"{prefix}queue"
         self.delayed = f"{prefix}delayed"
         self.leases = f"{prefix}leases"
@@ -273,10 +299,6 @@ def _score(value: float | None) -> str:
     if math.isnan(value):
         raise ValueError("a job timestamp is NaN")
     return repr(float(value))
-
-
-def _delayed_member(job: Job) -> str:
-    return f"{-job.priority}|{order_member(job.created_at, job.id)}"
 
 
 def _finished_member(job: Job) -> str:
@@ -445,10 +467,12 @@ class RedisJobStore(JobStore):
     async def _write(self, before: Job | None, version: str, after: Job) -> list[str]:
         """Run COMMIT for `before` (stored with `version`; None to create) -> `after`."""
         if before is not None and (
-            (before.id, before.tenant, before.created_at, before.idempotency_key)
-            != (after.id, after.tenant, after.created_at, after.idempotency_key)
+            (before.id, before.tenant, before.created_at, before.priority, before.idempotency_key)
+            != (after.id, after.tenant, after.created_at, after.priority, after.idempotency_key)
         ):
-            raise ValueError(f"job {before.id}: id, tenant, created_at and idempotency_key never change")
+            raise ValueError(
+                f"job {before.id}: id, tenant, created_at, priority and idempotency_key never change"
+            )
         k = self.keys
         tenant = after.tenant or ""
         old = before.status if before is not None else after.status
@@ -457,7 +481,7 @@ class RedisJobStore(JobStore):
             k.events(after.id),
             k.logs(after.id),
             k.idempotency(tenant, after.idempotency_key or ""),
-            k.event_counter,
+            k.fairness,
             k.queue,
             k.delayed,
             k.leases,
@@ -476,9 +500,9 @@ class RedisJobStore(JobStore):
             order_member(after.created_at, after.id),
             "" if before is None else before.status.value,
             after.status.value,
-            _delayed_member(before) if before is not None and before.status is JobStatus.QUEUED else "",
+            tenant,
             # run_after 0 (never retried): claimable by any claim, so straight into the queue.
-            _delayed_member(after) if after.run_after > 0 else "",
+            "1" if after.run_after > 0 else "",
             _score(after.run_after),
             str(-after.priority),
             _score(after.lease_until),
@@ -508,7 +532,7 @@ class RedisJobStore(JobStore):
             data, version = await self.redis.hmget(self.keys.job(job_id), ["data", "v"])
         if data is None:
             return None
-        return Job.model_validate_json(data), str(version)
+        return load_job(data), str(version)
 
     async def _send_once(self, script: str, sha: str, keys: list[str], args: list[str]) -> Any:
         """Run a script exactly once on one connection, without redis-py's retry (a re-send).
@@ -632,7 +656,7 @@ class RedisJobStore(JobStore):
                 )
             if not members:
                 return None
-            ids = [str(m).split(":", 1)[1] for m in members]
+            ids = [str(m).rsplit(":", 1)[1] for m in members]
             async with self._unavailable(), self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.hmget(self.keys.job(job_id), ["data", "v"])
@@ -642,9 +666,14 @@ class RedisJobStore(JobStore):
                     async with self._unavailable():
                         await self.redis.zrem(self.keys.queue, member)
                     continue
-                before = Job.model_validate_json(data)
+                before = load_job(data)
                 if before.status is not JobStatus.QUEUED or before.run_after > now:
                     continue  # changed since the peek, or promoted by a replica whose clock runs ahead
+                if undecodable(before):  # it can never run: it fails alone rather than stop the queue
+                    failed = transition(before, JobStatus.FAILED, now)
+                    if (await self._write(before, str(version), failed))[0] == "ok":
+                        log.warning("job %s cannot be read back (nested too deep); failed it", before.id)
+                    continue
                 after = transition(
                     before,
                     JobStatus.RUNNING,
@@ -663,7 +692,7 @@ class RedisJobStore(JobStore):
         """The job, or None (also once it expired after its retention)."""
         async with self._unavailable():
             data = await self.redis.hget(self.keys.job(job_id), "data")
-        return None if data is None else Job.model_validate_json(data)
+        return None if data is None else load_job(data)
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
         """Jobs matching `query`, newest first, plus the next page's cursor."""
@@ -700,7 +729,7 @@ class RedisJobStore(JobStore):
         for data in rows:
             if data is None:
                 continue  # expired after its retention; purge_finished drops the member
-            job = Job.model_validate_json(data)
+            job = load_job(data)
             if query.type is not None and job.type != query.type:
                 continue
             jobs.append(job)

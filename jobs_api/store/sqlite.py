@@ -1,5 +1,9 @@
 """SQLite job store: one file in WAL mode, every change in a BEGIN IMMEDIATE transaction.
 
+Every way out of a write ends its transaction (a cancelled request included), SQLite errors are
+StoreUnavailable, and after a failed write (a full disk, a lock held too long) `ping`, so
+`/readyz`, fails until a write works again.
+
 A job is kept whole as JSON next to the columns that queries filter and sort on. One connection
 serves the process and an asyncio lock keeps transactions from interleaving on it; several
 processes may share the file (busy_timeout), though only one should run workers.
@@ -8,11 +12,12 @@ processes may share the file (busy_timeout), though only one should run workers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -28,6 +33,8 @@ from jobs_api.store.base import (
     LogLine,
     Mutation,
     event_for,
+    load_job,
+    undecodable,
 )
 
 SCHEMA = """
@@ -42,22 +49,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     finished_at REAL,
     idempotency_key TEXT,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    fair_tag INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, created_at, id);
-CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (tenant, created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (status, lease_until);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
     time REAL NOT NULL,
     type TEXT NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -65,16 +67,64 @@ CREATE TABLE IF NOT EXISTS logs (
     level INTEGER NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fair_clock (priority INTEGER PRIMARY KEY, tag INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fair_tenants (
+    priority INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    tag INTEGER NOT NULL,
+    PRIMARY KEY (priority, tenant)
+);
+CREATE TABLE IF NOT EXISTS write_probe (data BLOB);
+"""
+# Columns a file made by an earlier version lacks: (table, column, definition, how to fill it).
+# Old events keep their store-wide id as their number, so a client's Last-Event-ID still fits.
+ADDED_COLUMNS = (
+    ("jobs", "fair_tag", "INTEGER NOT NULL DEFAULT 0", None),
+    ("events", "seq", "INTEGER NOT NULL DEFAULT 0", "UPDATE events SET seq = id"),
+)
+INDEXES = """
+DROP INDEX IF EXISTS jobs_queue;
+DROP INDEX IF EXISTS events_job;
+CREATE INDEX IF NOT EXISTS jobs_fair_queue ON jobs (status, priority DESC, fair_tag, created_at, id);
+CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (tenant, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (status, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_seq ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, id);
 """
+# What the readiness probe writes while writes are failing: about a job with large input.
+PROBE_BYTES = 64 * 1024
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _COLUMNS = (
     "id, tenant, type, status, priority, created_at, run_after, lease_until, finished_at, "
-    "idempotency_key, data"
+    "idempotency_key, data, fair_tag"
 )
 
 
-def _row(job: Job) -> tuple[Any, ...]:
+async def _add_columns(db: aiosqlite.Connection) -> None:
+    """Bring a file made by an earlier version up to SCHEMA (one transaction: another process
+    opening it at the same time waits, then finds nothing to do)."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition, fill in ADDED_COLUMNS:
+            columns = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if fill is not None:
+                    await db.execute(fill)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.rollback()
+        raise
+
+
+def _row(job: Job, fair_tag: int) -> tuple[Any, ...]:
     return (
         job.id,
         job.tenant or "",
@@ -87,11 +137,22 @@ def _row(job: Job) -> tuple[Any, ...]:
         job.finished_at,
         job.idempotency_key,
         job.model_dump_json(),
+        fair_tag,
     )
 
 
-def _job(data: str | bytes) -> Job:
-    return Job.model_validate_json(data)
+async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
+    """Run `step` to its end even if the caller is cancelled meanwhile (re-raised afterwards)."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 class SqliteJobStore(JobStore):
@@ -102,6 +163,8 @@ class SqliteJobStore(JobStore):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._hub = EventHub()
+        # Why the last write failed; None once a write changed something (or before any failed).
+        self._write_failure: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SqliteJobStore:
@@ -118,13 +181,23 @@ class SqliteJobStore(JobStore):
         if self.path.parent and not self.path.parent.exists():
             raise StoreUnavailable(f"directory {self.path.parent} does not exist")
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.executescript(SCHEMA)
+            self._db = await self._connect()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.executescript(SCHEMA)
+            await _add_columns(db)
+            await db.executescript(INDEXES)
+        except BaseException:
+            await db.close()
+            raise
+        return db
 
     async def close(self) -> None:
         """Close the connection."""
@@ -135,29 +208,51 @@ class SqliteJobStore(JobStore):
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise StoreUnavailable("the store is not open")
+            raise StoreUnavailable(self._write_failure or "the store is not open")
         return self._db
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A BEGIN IMMEDIATE transaction, committed on success and rolled back on any error."""
+        """A BEGIN IMMEDIATE transaction: committed when the block ends, rolled back on any other exit.
+
+        Every exit ends the transaction, a cancellation at any await included: aiosqlite runs a
+        statement on its own thread even when the awaiting task is cancelled (a cancelled BEGIN
+        still begins), and runs statements in order, so the ROLLBACK queued after it always ends
+        what it began. A SQLite error becomes StoreUnavailable and marks writes as failing (see
+        `ping`) until a write changes something again.
+        """
         async with self._lock:
             db = self.db
+            changes = db.total_changes
             try:
                 await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from None
-            try:
                 yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                await _to_the_end(self._roll_back(db))
+                if isinstance(exc, sqlite3.Error):
+                    self._write_failure = f"sqlite: {exc}"
+                    raise StoreUnavailable(self._write_failure) from None
                 raise
-            else:
-                try:
-                    await db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    await db.execute("ROLLBACK")
-                    raise StoreUnavailable(f"sqlite commit failed: {exc}") from None
+            if db.total_changes != changes:
+                self._write_failure = None
+
+    async def _roll_back(self, db: aiosqlite.Connection) -> None:
+        """End whatever transaction `db` has open (none is fine); reconnect if even that fails."""
+        try:
+            await db.rollback()  # sqlite3's rollback() does nothing outside a transaction
+        except sqlite3.Error as exc:
+            # Closing the connection is the one sure end of its transaction.
+            log.error("sqlite %s: rollback failed (%s); reconnecting", self.path, exc)
+            self._write_failure = f"sqlite: rollback failed: {exc}"
+            self._db = None
+            try:
+                await db.close()
+                self._db = await self._connect()
+            except sqlite3.Error as again:
+                log.error("sqlite %s: cannot reconnect: %s", self.path, again)
+        except ValueError:
+            pass  # the connection was closed meanwhile (close()), which ended the transaction
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         async with self._lock:
@@ -168,14 +263,24 @@ class SqliteJobStore(JobStore):
                 raise StoreUnavailable(f"sqlite: {exc}") from None
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless a trivial query answers."""
+        """Raise StoreUnavailable unless a query answers and, after a write failed, a write works.
+
+        The probe writes (and deletes) PROBE_BYTES, so a database that is still full stays not
+        ready, and one that has room again is ready again without waiting for traffic.
+        """
         await self._read("SELECT 1")
+        if self._write_failure is not None:
+            async with self._write() as db:
+                await db.execute("INSERT INTO write_probe (data) VALUES (zeroblob(?))", (PROBE_BYTES,))
+                await db.execute("DELETE FROM write_probe")
 
     async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
         events = event_for(before, after)
         for kind, data in events:
+            # Numbered per job: an event id says nothing about other jobs (or tenants).
             await db.execute(
-                "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, ?, ?)",
+                "INSERT INTO events (job_id, seq, time, type, data) VALUES (?1, "
+                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1), ?2, ?3, ?4)",
                 (after.id, after.updated_at, kind, orjson.dumps(data).decode()),
             )
         return bool(events)
@@ -190,22 +295,49 @@ class SqliteJobStore(JobStore):
                 ) as cur:
                     row = await cur.fetchone()
                 if row is not None:
-                    existing = _job(row[0])
+                    existing = load_job(row[0])
                     if existing.request_hash != job.request_hash:
                         raise IdempotencyConflict(
                             f"Idempotency-Key {job.idempotency_key!r} was already used "
                             "with a different request"
                         )
                     return existing, False
-            await db.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _row(job))
+            tag = await self._fair_tag(db, job) if job.status is JobStatus.QUEUED else 0
+            await db.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _row(job, tag)
+            )
             await self._record(db, None, job)
         self._hub.notify(job.id)
         return job, True
 
+    async def _fair_tag(self, db: aiosqlite.Connection, job: Job) -> int:
+        """The new job's turn among the queued jobs of its priority (start-time fair queuing).
+
+        Claims take the lowest tag first. A tenant's jobs get increasing tags, and a job never
+        gets one below its priority's clock (the tag of the last claimed job): so tenants take
+        turns, and one that waits goes before one that was just served, however many jobs the
+        other has queued.
+        """
+        tenant = job.tenant or ""
+        async with db.execute(
+            "SELECT MAX(COALESCE((SELECT tag FROM fair_clock WHERE priority = ?1), 0), "
+            "COALESCE((SELECT tag + 1 FROM fair_tenants WHERE priority = ?1 AND tenant = ?2), 1))",
+            (job.priority, tenant),
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        tag = int(row[0])
+        await db.execute(
+            "INSERT INTO fair_tenants (priority, tenant, tag) VALUES (?, ?, ?) "
+            "ON CONFLICT (priority, tenant) DO UPDATE SET tag = excluded.tag",
+            (job.priority, tenant, tag),
+        )
+        return tag
+
     async def get(self, job_id: str) -> Job | None:
         """The job, or None."""
         rows = await self._read("SELECT data FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0][0]) if rows else None
+        return load_job(rows[0][0]) if rows else None
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], tuple[float, str] | None]:
         """Jobs matching `query`, newest first, plus the next page's cursor."""
@@ -235,34 +367,58 @@ class SqliteJobStore(JobStore):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(query.limit + 1)
         rows = await self._read(sql, tuple(params))
-        jobs = [_job(r[0]) for r in rows[: query.limit]]
+        jobs = [load_job(r[0]) for r in rows[: query.limit]]
         cursor = (jobs[-1].created_at, jobs[-1].id) if len(rows) > query.limit else None
         return jobs, cursor
 
     async def claim(self, worker: str, now: float, lease_s: float) -> Job | None:
         """Take the best eligible queued job under a lease, counting the attempt."""
         async with self._write() as db:
+            before, changed = await self._next_queued(db, now)
+            claimed = None
+            if before is not None:
+                claimed = transition(
+                    before,
+                    JobStatus.RUNNING,
+                    now,
+                    attempts=before.attempts + 1,
+                    worker=worker,
+                    lease_until=now + lease_s,
+                )
+                await self._update(db, claimed)
+                await self._record(db, before, claimed)
+                changed.append(claimed.id)
+        for job_id in changed:
+            self._hub.notify(job_id)
+        return claimed
+
+    async def _next_queued(self, db: aiosqlite.Connection, now: float) -> tuple[Job | None, list[str]]:
+        """The best eligible queued job (its turn taken: the clock moves to its tag), and the ids
+        of those failed on the way to it: a job that cannot be read back can never run, so it
+        fails alone rather than stop the queue."""
+        failed: list[str] = []
+        while True:
             async with db.execute(
-                "SELECT data FROM jobs WHERE status = 'queued' AND run_after <= ? "
-                "ORDER BY priority DESC, created_at, id LIMIT 1",
+                "SELECT data, fair_tag FROM jobs WHERE status = 'queued' AND run_after <= ? "
+                "ORDER BY priority DESC, fair_tag, created_at, id LIMIT 1",
                 (now,),
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
-                return None
-            before = _job(row[0])
-            after = transition(
-                before,
-                JobStatus.RUNNING,
-                now,
-                attempts=before.attempts + 1,
-                worker=worker,
-                lease_until=now + lease_s,
-            )
+                return None, failed
+            job = load_job(row[0])
+            if not undecodable(job):
+                await db.execute(
+                    "INSERT INTO fair_clock (priority, tag) VALUES (?, ?) "
+                    "ON CONFLICT (priority) DO UPDATE SET tag = MAX(tag, excluded.tag)",
+                    (job.priority, row[1]),
+                )
+                return job, failed
+            after = transition(job, JobStatus.FAILED, now)
             await self._update(db, after)
-            await self._record(db, before, after)
-        self._hub.notify(after.id)
-        return after
+            await self._record(db, job, after)
+            log.warning("job %s cannot be read back (nested too deep); failed without running", job.id)
+            failed.append(job.id)
 
     async def _update(self, db: aiosqlite.Connection, job: Job) -> None:
         await db.execute(
@@ -286,7 +442,7 @@ class SqliteJobStore(JobStore):
                 row = await cur.fetchone()
             if row is None:
                 raise JobNotFound(f"job {job_id} not found")
-            before = _job(row[0])
+            before = load_job(row[0])
             after = change(before)
             if after == before:
                 return before
@@ -304,7 +460,7 @@ class SqliteJobStore(JobStore):
     async def events_after(self, job_id: str, after_id: int) -> list[JobEvent]:
         """Events of the job after `after_id`."""
         rows = await self._read(
-            "SELECT id, job_id, type, data, time FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+            "SELECT seq, job_id, type, data, time FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
             (job_id, after_id),
         )
         return [JobEvent(r[0], r[1], r[2], orjson.loads(r[3]), r[4]) for r in rows]

@@ -19,6 +19,7 @@ from tests.jobs_api.conftest import T0, MakeJob
 
 ALLOWED = {
     (JobStatus.QUEUED, JobStatus.RUNNING),
+    (JobStatus.QUEUED, JobStatus.FAILED),  # a stored job that cannot be read back, so never runs
     (JobStatus.QUEUED, JobStatus.CANCELLED),
     (JobStatus.QUEUED, JobStatus.TIMED_OUT),
     (JobStatus.RUNNING, JobStatus.QUEUED),

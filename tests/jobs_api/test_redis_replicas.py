@@ -89,7 +89,7 @@ def test_keys_all_start_with_the_prefix_and_quote_tenants() -> None:
         keys.leases,
         keys.finished,
         keys.all_jobs,
-        keys.event_counter,
+        keys.fairness,
         keys.channel,
     ]
     assert all(name.startswith("dep1:") for name in names)
@@ -255,9 +255,9 @@ async def test_finished_jobs_expire_after_retention_and_purge_leaves_no_keys(
         again, created = await store.create(make_job(tenant="t", idempotency_key="k", request_hash="h2"))
         assert created and again.id != job.id
         await store.mutate(again.id, lambda j: request_cancel(j, T0 + 3))
-        # ...and the purge drops what the indexes still name: only the event counter stays.
+        # ...and the purge drops what the indexes still name: only the fair-queuing clocks stay.
         assert await store.purge_finished(time.time()) == 2
-        assert prefixed_keys(redis_url, redis_prefix) == [keys.event_counter]
+        assert prefixed_keys(redis_url, redis_prefix) == [keys.fairness]
         assert await store.count_by_status() == {}
     finally:
         await store.close()
@@ -849,10 +849,10 @@ async def test_three_replicas_finish_200_jobs_exactly_once_when_one_is_killed(
             assert await proc.wait_exit(within_s=15) == 0, proc.output()
         await start_replicas(procs, 1, gateway_port, redis_url, redis_prefix, JOBS_RETENTION_S="1")
 
-        async def only_the_counter_left() -> bool:
-            return prefixed_keys(redis_url, redis_prefix) == [store.keys.event_counter]
+        async def only_the_fair_clocks_left() -> bool:
+            return prefixed_keys(redis_url, redis_prefix) == [store.keys.fairness]
 
-        await until(only_the_counter_left, within_s=15, every_s=0.2)
+        await until(only_the_fair_clocks_left, within_s=15, every_s=0.2)
     finally:
         await store.close()
 
