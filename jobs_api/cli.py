@@ -34,6 +34,7 @@ from jobs_api.errors import JobsError
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
 from jobs_api.keys import STOPPING
+from jobs_api.server import JobsAppRunner
 from jobs_api.store import open_store, redacted_url
 
 # One entry point runs the service and the client commands, so the client commands import the
@@ -189,7 +190,7 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop`), then stop accepting and drain for shutdown_grace_s."""
     app = create_app(settings, registry=registry)
-    runner = web.AppRunner(
+    runner = JobsAppRunner(
         app,
         access_log=None,
         handler_cancellation=True,  # a client that leaves must not keep its handler running

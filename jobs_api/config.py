@@ -59,6 +59,8 @@ class JobsSettings(BaseSettings):
     # Claims read from a JWT: subject, organisation (tenant) and roles.
     jwt_tenant_claim: str = "org"
     jwt_roles_claim: str = "roles"
+    # Clock skew allowed between the token issuer and this service when checking exp, nbf and iat.
+    jwt_leeway_s: float = Field(5.0, ge=0, le=300)
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Event streams: a comment line this often keeps proxies and clients from closing an idle one,
     # and events written by another process are noticed within sse_poll_s (this process's at once).

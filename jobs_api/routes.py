@@ -38,11 +38,15 @@ from jobs_api.store import JobEvent, JobQuery, LogLevel
 log = logging.getLogger(__name__)
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)
+# The response of the request once it has been prepared (its status line is on its way).
+STARTED_RESPONSE: Final = web.RequestKey("started_response", web.StreamResponse)
 
 DEFAULT_LIST_LIMIT: Final = 20
 MAX_LIST_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY: Final = 255
 READ_CHUNK: Final = 64 * 1024
+# Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
+MAX_EVENT_ID: Final = 2**63 - 1
 # Fields of a batch submission that describe the job rather than its input.
 JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
 HTTP_ERROR_TYPES: Final = {
@@ -152,16 +156,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Map JobsError (and aiohttp's own HTTP errors) to JSON; never a traceback in a response."""
     try:
         return await handler(request)
-    except JobsError as exc:
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        response = _error_response(request, exc)
+        started: web.StreamResponse | None = request.get(STARTED_RESPONSE)
+        if started is None:
+            return response
+        # The response (an event stream) has started: an error response written now would land
+        # inside it. The connection is dropped instead, which tells the client the stream broke.
+        request.protocol.force_close()
+        return started
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, JobsError):
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
         response = error_response(exc.status, exc.error_type, exc.message)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="jobs-api"'
         return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException):
         message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
         if exc.status == 404:
             message = f"no route for {request.method} {request.path}"
@@ -169,9 +185,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the server log has the details")
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error; the server log has the details")
+
+
+async def mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: from here on, an error can no longer become a response of its own."""
+    request[STARTED_RESPONSE] = response
 
 
 @web.middleware
@@ -319,18 +339,30 @@ def parse_level(text: str | None) -> LogLevel:
         raise BadRequest(f"level: {text!r} is not one of debug, info, warning, error") from None
 
 
+def parse_event_id(text: str) -> int:
+    """An event id as a client may send it back: decimal digits, 0..MAX_EVENT_ID; else ValueError."""
+    digits = text.strip()
+    # str.isdigit alone would pass other scripts' digits; int() would pass "+1", "1_0", " -0".
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(MAX_EVENT_ID)):
+        raise ValueError(text)
+    value = int(digits)
+    if value > MAX_EVENT_ID:
+        raise ValueError(text)
+    return value
+
+
 def parse_last_event_id(request: web.Request) -> int:
     """The event id to resume after (Last-Event-ID header or ?last_event_id=), 0 from the start."""
     text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if text is None or not text.strip():
         return 0
     try:
-        value = int(text.strip())
+        return parse_event_id(text)
     except ValueError:
-        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id") from None
-    if value < 0:
-        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id")
-    return value
+        shown = text if len(text) <= 64 else text[:64] + "..."
+        raise BadRequest(
+            f"Last-Event-ID: {shown!r} is not an event id (an integer 0..{MAX_EVENT_ID})"
+        ) from None
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -578,6 +610,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register every route of the jobs API on `app`."""
+    app.on_response_prepare.append(mark_response_started)
     r = app.router
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs", list_jobs)

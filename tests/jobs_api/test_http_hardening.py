@@ -1,0 +1,288 @@
+"""Hostile and malformed input over real HTTP: raw sockets, the real app and the `jobs-api` process.
+
+Bytes no HTTP client library sends (non-UTF-8 header bytes, broken request lines, half-sent
+heads) go over raw loopback sockets; everything else through aiohttp. Every load loop here is
+bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from aiohttp import web
+
+from jobs_api.app import create_app
+from jobs_api.models import JobStatus
+from tests.conftest import AiohttpClient
+from tests.gateway.test_cli import Spawn
+from tests.jobs_api.conftest import JobsSettingsFactory
+from tests.jobs_api.test_auth import SECRET, assert_unauthorized, bearer
+from tests.jobs_api.test_cli import clean_env, jobs_cmd, spawn, start_jobs_proc
+from tests.jobs_api.test_routes import StartJobs, inference, jobs_starter
+
+__all__ = ["spawn"]  # the fixture, imported for the tests here
+
+API_KEYS: dict[str, Any] = {"key-a": {"tenant": "org-a"}}
+
+
+@pytest.fixture
+def start_jobs(aiohttp_client: AiohttpClient, jobs_settings: JobsSettingsFactory) -> StartJobs:
+    """Start a jobs app: `await start_jobs(start_runner=False, **settings)`."""
+    return jobs_starter(aiohttp_client, jobs_settings)
+
+
+async def raw_exchange(port: int, data: bytes, *, within_s: float = 5.0) -> bytes:
+    """Send `data` on a fresh loopback connection; everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), within_s)
+    finally:
+        writer.close()
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one HTTP/1.x response with a Content-Length."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body[: int(headers.get("content-length", len(body)))]
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+# --- item: credentials, event ids and job headers are checked before they can do harm ------------
+
+
+async def test_authorization_with_non_utf8_bytes_is_401(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False, api_keys=API_KEYS)
+    port = port_of(jobs.base_url)
+    for token in (b"\xff\xfe\xfd", b"key-a\xff", b"\xc3\x28"):
+        raw = await raw_exchange(
+            port,
+            b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        status, headers, body = parse_response(raw)
+        assert status == 401, raw
+        assert headers["content-type"].startswith("application/json")
+        assert headers["www-authenticate"].startswith("Bearer")
+        assert orjson.loads(body)["error"]["type"] == "unauthorized"
+    resp = await jobs.client.get("/v1/jobs", headers={"Authorization": "Bearer clé"})
+    await assert_unauthorized(resp, "printable ASCII")
+    assert (await jobs.client.get("/v1/jobs", headers={"Authorization": "Bearer key-a"})).status == 200
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "18446744073709551616",  # 2**64: past every 64-bit id
+        "9223372036854775808",  # 2**63: past SQLite's and Redis's signed ids
+        "9" * 400,
+        "-1",
+        "abc",
+        "+5",
+        "1_0",
+        "\u0663",  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
+        "1.5",
+    ],
+)
+async def test_bad_last_event_id_is_400_before_the_stream_starts(start_jobs: StartJobs, value: str) -> None:
+    jobs = await start_jobs(start_runner=False)
+    job = await jobs.submit(inference())
+    path = f"/v1/jobs/{job['id']}/events"
+    for resp in (
+        await jobs.client.get(path, headers={"Last-Event-ID": value}),
+        await jobs.client.get(path, params={"last_event_id": value}),
+    ):
+        assert resp.status == 400, resp.headers  # not a stream: reading it could wait for ever
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+        assert error["type"] == "invalid_request"
+        assert "Last-Event-ID" in error["message"]
+
+
+async def test_largest_last_event_id_is_accepted(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False)
+    job = await jobs.submit(inference())
+    assert (await jobs.client.post(f"/v1/jobs/{job['id']}/cancel")).status == 202  # ends at once
+    resp = await jobs.client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": str(2**63 - 1)})
+    assert resp.status == 200
+    assert resp.content_type == "text/event-stream"
+    assert await resp.read() == b""  # nothing after that id; the job has ended
+
+
+async def test_an_error_inside_a_started_stream_drops_the_connection_without_a_second_response(
+    aiohttp_client: AiohttpClient, jobs_settings: JobsSettingsFactory
+) -> None:
+    app = create_app(jobs_settings(), start_runner=False)
+
+    async def breaks_mid_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"id: 1\nevent: state\ndata: {}\n\n")
+        raise RuntimeError("store went away mid-stream")
+
+    app.router.add_get("/stream-that-breaks", breaks_mid_stream)
+    client = await aiohttp_client(app)
+    raw = await raw_exchange(
+        port_of(str(client.server.make_url(""))), b"GET /stream-that-breaks HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.count(b"HTTP/1.") == 1, raw  # no error response written into the stream
+    assert b"500" not in raw
+    assert not raw.endswith(b"0\r\n\r\n")  # not a clean end: the client knows the stream broke
+
+
+BAD_HEADERS: dict[str, dict[str, str]] = {
+    "crlf": {"X-Trace": "a\r\nX-Injected: 1"},
+    "lf": {"X-Trace": "a\nb"},
+    "cr": {"X-Trace": "a\rb"},
+    "nul": {"X-Trace": "a\x00b"},
+    "del": {"X-Trace": "a\x7fb"},
+    "escape": {"X-Trace": "\x1b[31m"},
+    "crlf_in_name": {"X-Trace\r\nX-Injected": "1"},
+    "space_in_name": {"X Trace": "1"},
+    "colon_in_name": {"X-Trace:": "1"},
+    "empty_name": {"": "1"},
+    "beyond_latin1": {"X-Trace": "\u20ac"},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADERS))
+async def test_control_characters_in_job_headers_are_refused_at_submission(
+    start_jobs: StartJobs, case: str
+) -> None:
+    jobs = await start_jobs(start_runner=False)
+    headers = BAD_HEADERS[case]
+    job = inference()
+    job["input"]["headers"] = headers
+    resp = await jobs.client.post("/v1/jobs", json=job)
+    assert resp.status == 422, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["type"] == "validation_error"
+    assert "input.headers" in error["message"]
+    item = {"path": "/v1/chat/completions", "body": {}, "headers": headers}
+    resp = await jobs.client.post("/v1/batches", json={"items": [item]})
+    assert resp.status == 422, await resp.text()
+    assert "headers" in (await resp.json())["error"]["message"]
+    assert await jobs.counts() == {}
+
+
+async def test_ordinary_job_headers_are_kept(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False)
+    job = inference()
+    job["input"]["headers"] = {"X-Trace": "a\tb c", "X-Org": "café", "x_custom-1": ""}
+    data = await jobs.submit(job)
+    assert data["input"]["headers"] == job["input"]["headers"]
+    assert await jobs.counts() == {JobStatus.QUEUED: 1}
+
+
+# --- item: JWT dates are numbers, and the clock-skew leeway is a setting ------------------------
+
+
+def token(**claims: Any) -> str:
+    return jwt.encode({"sub": "user-1", "org": "org-a", **claims}, SECRET, algorithm="HS256")
+
+
+async def test_jwt_leeway_is_the_setting_and_defaults_to_5_s(start_jobs: StartJobs) -> None:
+    now = int(time.time())
+    jobs = await start_jobs(start_runner=False, jwt_hs256_secret=SECRET)
+    just_expired = bearer(token(exp=now - 2))
+    assert (await jobs.client.get("/v1/jobs", headers=just_expired)).status == 200  # within 5 s
+    await assert_unauthorized(
+        await jobs.client.get("/v1/jobs", headers=bearer(token(exp=now - 20))), "expired"
+    )
+    await assert_unauthorized(
+        await jobs.client.get("/v1/jobs", headers=bearer(token(exp=now + 300, nbf=now + 20))), "not yet valid"
+    )
+
+    strict = await start_jobs(start_runner=False, jwt_hs256_secret=SECRET, jwt_leeway_s=0)
+    await assert_unauthorized(await strict.client.get("/v1/jobs", headers=just_expired), "expired")
+    wide = await start_jobs(start_runner=False, jwt_hs256_secret=SECRET, jwt_leeway_s=60)
+    assert (await wide.client.get("/v1/jobs", headers=bearer(token(exp=now - 20)))).status == 200
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_jwt_dates_given_as_strings_are_401(start_jobs: StartJobs, claim: str) -> None:
+    now = int(time.time())
+    jobs = await start_jobs(start_runner=False, jwt_hs256_secret=SECRET)
+    claims: dict[str, Any] = {"exp": now + 300, "nbf": now - 10, "iat": now - 10}
+    assert (await jobs.client.get("/v1/jobs", headers=bearer(token(**claims)))).status == 200
+    claims[claim] = str(claims[claim])
+    resp = await jobs.client.get("/v1/jobs", headers=bearer(token(**claims)))
+    await assert_unauthorized(resp, claim)
+    claims[claim] = True
+    await assert_unauthorized(await jobs.client.get("/v1/jobs", headers=bearer(token(**claims))), claim)
+
+
+def test_cli_refuses_a_negative_jwt_leeway_with_one_line() -> None:
+    result = subprocess.run(
+        jobs_cmd("serve"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env=clean_env(JOBS_JWT_LEEWAY_S="-1"),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "jwt_leeway_s" in lines[0]
+    assert "JOBS_JWT_LEEWAY_S" in lines[0]
+
+
+# --- item: malformed HTTP is a JSON 400, logged at info -----------------------------------------
+
+MALFORMED = {
+    "bad_header_line": b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "tls_hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    "garbage_method": b"G(T /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad_version": b"GET /healthz HTTP/9.9.9\r\nHost: x\r\n\r\n",
+    "request_line_too_long": b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad_content_length": b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n",
+    "bad_chunk": b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: application/json\r\n\r\nzz\r\n",
+}
+
+
+async def test_malformed_http_is_a_json_400_logged_at_info_without_traceback(
+    spawn: Spawn, tmp_path: Any
+) -> None:
+    proc, base = await start_jobs_proc(
+        spawn, "--store", f"sqlite:///{tmp_path / 'jobs.db'}", env=clean_env(JOBS_LOG_LEVEL="info")
+    )
+    port = port_of(base)
+    for name, data in MALFORMED.items():
+        raw = await raw_exchange(port, data)
+        status, headers, body = parse_response(raw)
+        assert status == 400, (name, raw)
+        assert headers["content-type"].startswith("application/json"), (name, raw)
+        error = orjson.loads(body)["error"]
+        assert error["type"] == "invalid_request", (name, error)
+        assert error["message"].startswith("malformed HTTP request"), (name, error)
+        assert "Traceback" not in error["message"]
+    # Still serving, and the log says what happened at info without a traceback.
+    raw = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert parse_response(raw)[0] == 200
+    deadline = time.monotonic() + 5
+    while proc.output().count("INFO jobs_api.server: malformed") < len(MALFORMED):
+        assert time.monotonic() < deadline, proc.output()
+        await asyncio.sleep(0.05)  # the reader threads catch up with the log
+    output = proc.output()
+    assert "Traceback" not in output
+    assert " ERROR " not in output
+    assert output.count("INFO jobs_api.server: malformed HTTP request") == len(MALFORMED), output
