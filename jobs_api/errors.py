@@ -49,6 +49,13 @@ class PayloadTooLarge(JobsError):
     error_type = "payload_too_large"
 
 
+class UnsupportedMediaType(JobsError):
+    """A write whose body is not declared as application/json."""
+
+    status = 415
+    error_type = "unsupported_media_type"
+
+
 class ValidationFailed(JobsError):
     """The body is JSON but not a valid job (wrong types, unknown job type)."""
 

@@ -29,6 +29,7 @@ from jobs_api.errors import (
     JobsError,
     PayloadTooLarge,
     Unauthorized,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
@@ -45,6 +46,7 @@ DEFAULT_LIST_LIMIT: Final = 20
 MAX_LIST_LIMIT: Final = 100
 MAX_IDEMPOTENCY_KEY: Final = 255
 READ_CHUNK: Final = 64 * 1024
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
 MAX_EVENT_ID: Final = 2**63 - 1
 # Fields of a batch submission that describe the job rather than its input.
@@ -192,6 +194,31 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
 async def mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: from here on, an error can no longer become a response of its own."""
     request[STARTED_RESPONSE] = response
+
+
+def needs_json_content_type(method: str, has_body: bool) -> bool:
+    """Whether a request must be `Content-Type: application/json` to be served: writes with a body.
+
+    A cross-site HTML form or a plain `fetch` can send text/plain, form and multipart bodies
+    without a CORS preflight, but never application/json; so requiring it keeps a web page from
+    submitting jobs through a visitor's browser (CSRF; in open mode nothing else would stop it).
+    A write without a body (a cancel) passes whatever it declares: clients such as aiohttp label
+    even an empty POST application/octet-stream.
+    """
+    return has_body and method in WRITE_METHODS
+
+
+@web.middleware
+async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """415 for a write whose body is not declared as application/json (parameters allowed)."""
+    if needs_json_content_type(request.method, request.body_exists):
+        if request.content_type != "application/json":
+            declared = request.headers.get("Content-Type")
+            shown = "none" if declared is None else repr(declared[:100])
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json for {request.method} requests (got {shown})"
+            )
+    return await handler(request)
 
 
 @web.middleware

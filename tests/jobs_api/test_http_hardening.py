@@ -286,3 +286,77 @@ async def test_malformed_http_is_a_json_400_logged_at_info_without_traceback(
     assert "Traceback" not in output
     assert " ERROR " not in output
     assert output.count("INFO jobs_api.server: malformed HTTP request") == len(MALFORMED), output
+
+
+# --- item: writes must be JSON, so a web page cannot submit through a browser (CSRF) -------------
+
+SUBMISSION = orjson.dumps(inference())
+NOT_JSON = [
+    "text/plain",  # what a cross-site <form enctype="text/plain"> or a plain fetch sends
+    "text/plain; charset=utf-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/jsonx",
+    "application/octet-stream",
+    "",
+]
+
+
+@pytest.mark.parametrize("mode", ["open", "api_key"])
+async def test_writes_with_a_body_that_is_not_declared_json_are_415(start_jobs: StartJobs, mode: str) -> None:
+    auth = {"Authorization": "Bearer key-a"} if mode == "api_key" else {}
+    keys = API_KEYS if mode == "api_key" else {}
+    jobs = await start_jobs(start_runner=False, api_keys=keys)
+    for content_type in NOT_JSON:
+        for path in ("/v1/jobs", "/v1/batches"):
+            resp = await jobs.client.post(
+                path, data=SUBMISSION, headers={**auth, "Content-Type": content_type}
+            )
+            assert resp.status == 415, (content_type, path, await resp.text())
+            assert resp.content_type == "application/json"
+            error = (await resp.json())["error"]
+            assert error["type"] == "unsupported_media_type"
+            assert "application/json" in error["message"]
+    job = await jobs.submit(inference(), headers=auth)
+    for method in ("DELETE", "PUT", "PATCH", "POST"):
+        path = f"/v1/jobs/{job['id']}" + ("/cancel" if method == "POST" else "")
+        resp = await jobs.client.request(
+            method, path, data=b"x=1", headers={**auth, "Content-Type": "application/x-www-form-urlencoded"}
+        )
+        assert resp.status == 415, (method, await resp.text())
+    # A body without any Content-Type at all (aiohttp would add one, so a raw request).
+    raw = await raw_exchange(
+        port_of(jobs.base_url),
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in auth.items())
+        + b"Content-Length: %d\r\n\r\n" % len(SUBMISSION)
+        + SUBMISSION,
+    )
+    assert parse_response(raw)[0] == 415, raw
+    assert await jobs.counts() == {JobStatus.QUEUED: 1}  # only the JSON submission
+    assert (await jobs.get(job["id"], headers=auth))["status"] == "queued"
+
+
+async def test_json_writes_with_parameters_and_bodiless_writes_are_served(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False)
+    for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        resp = await jobs.client.post("/v1/jobs", data=SUBMISSION, headers={"Content-Type": content_type})
+        assert resp.status == 202, (content_type, await resp.text())
+
+    async def chunks() -> Any:
+        yield SUBMISSION[:10]
+        yield SUBMISSION[10:]
+
+    resp = await jobs.client.post("/v1/jobs", data=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status == 202, await resp.text()
+    resp = await jobs.client.post("/v1/jobs", data=chunks(), headers={"Content-Type": "text/plain"})
+    assert resp.status == 415, await resp.text()
+    # A cancel has no body: it needs no Content-Type (and aiohttp's octet-stream label is fine).
+    job = await jobs.submit(inference())
+    assert (await jobs.client.post(f"/v1/jobs/{job['id']}/cancel")).status == 202
+    raw = await raw_exchange(
+        port_of(jobs.base_url),
+        f"DELETE /v1/jobs/{job['id']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert parse_response(raw)[0] == 409, raw  # already cancelled: the request itself was served
+    assert await jobs.counts() == {JobStatus.QUEUED: 4, JobStatus.CANCELLED: 1}
