@@ -28,6 +28,13 @@ class Unauthorized(JobsError):
     error_type = "unauthorized"
 
 
+class RequestTimeout(JobsError):
+    """The client went silent while its request body was being read; the connection is closed."""
+
+    status = 408
+    error_type = "request_timeout"
+
+
 class JobNotFound(JobsError):
     """No such job, or one the caller may not see."""
 

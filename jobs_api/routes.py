@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -28,6 +28,7 @@ from jobs_api.errors import (
     JobNotFound,
     JobsError,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
@@ -178,6 +179,8 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
         response = error_response(exc.status, exc.error_type, exc.message)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="jobs-api"'
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of the body may still come: never parse it as a request
         return response
     if isinstance(exc, web.HTTPException):
         message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
@@ -232,6 +235,26 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # --- request parsing ----------------------------------------------------------------------------
 
 
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in chunks; RequestTimeout when the client is silent for too long.
+
+    The timeout (JOBS_CLIENT_BODY_TIMEOUT_S) is per read, so a slow but steady upload is fine; a
+    client that stops sending would otherwise hold its connection and handler for ever.
+    """
+    idle_timeout_s = request.app[SETTINGS].client_body_timeout_s
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.read(READ_CHUNK)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body silent for more than {idle_timeout_s:g} s (JOBS_CLIENT_BODY_TIMEOUT_S)"
+            ) from None
+        if not chunk:
+            return
+        yield chunk
+
+
 async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
     declared = request.content_length
@@ -240,7 +263,7 @@ async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
             f"request body of {declared} bytes exceeds the limit of {limit} (JOBS_MAX_INPUT_BYTES)"
         )
     body = bytearray()
-    async for chunk in request.content.iter_chunked(READ_CHUNK):
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (JOBS_MAX_INPUT_BYTES)")

@@ -8,8 +8,12 @@ bounded in count and in time.
 from __future__ import annotations
 
 import asyncio
+import resource
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -19,11 +23,12 @@ from aiohttp import web
 
 from jobs_api.app import create_app
 from jobs_api.models import JobStatus
+from jobs_api.server import default_max_connections, make_room
 from tests.conftest import AiohttpClient
-from tests.gateway.test_cli import Spawn
+from tests.gateway.test_cli import Spawn, open_files_limits
 from tests.jobs_api.conftest import JobsSettingsFactory
 from tests.jobs_api.test_auth import SECRET, assert_unauthorized, bearer
-from tests.jobs_api.test_cli import clean_env, jobs_cmd, spawn, start_jobs_proc
+from tests.jobs_api.test_cli import LISTENING_RE, clean_env, jobs_cmd, spawn, start_jobs_proc
 from tests.jobs_api.test_routes import StartJobs, inference, jobs_starter
 
 __all__ = ["spawn"]  # the fixture, imported for the tests here
@@ -360,3 +365,245 @@ async def test_json_writes_with_parameters_and_bodiless_writes_are_served(start_
     )
     assert parse_response(raw)[0] == 409, raw  # already cancelled: the request itself was served
     assert await jobs.counts() == {JobStatus.QUEUED: 4, JobStatus.CANCELLED: 1}
+
+
+# --- item: read timeouts and a connection cap -----------------------------------------------------
+
+
+@dataclass
+class FakeConnection:
+    """Stands in for a connection in the pure cap decision (not a network layer: no I/O at all)."""
+
+    name: str
+    idle: bool
+    last_active: float
+    closing: bool = False
+
+
+def test_make_room_closes_the_longest_idle_other_connection_or_refuses() -> None:
+    busy = [FakeConnection(f"busy{i}", False, float(i)) for i in range(3)]
+    new = FakeConnection("new", True, 10.0)
+    assert make_room([*busy, new], new, None) == (True, None)
+    assert make_room([*busy, new], new, 4) == (True, None)
+    assert make_room([*busy, new], new, 3) == (False, None)  # the newcomer itself is never the victim
+    old_idle = FakeConnection("old", True, 1.0)
+    young_idle = FakeConnection("young", True, 5.0)
+    assert make_room([*busy, young_idle, old_idle, new], new, 5) == (True, old_idle)
+    # Connections already closing do not count against the cap.
+    closing = [FakeConnection(f"closing{i}", True, 0.0, closing=True) for i in range(5)]
+    assert make_room([*closing, *busy, new], new, 4) == (True, None)
+
+
+def test_default_max_connections_follows_the_open_files_limit() -> None:
+    assert default_max_connections(None) is None
+    assert default_max_connections(256) == 78
+    assert default_max_connections(1024) == 462
+    assert default_max_connections(100) == 16  # never below the minimum
+
+
+async def test_a_silent_request_body_is_408_and_a_slow_steady_one_is_fine(start_jobs: StartJobs) -> None:
+    jobs = await start_jobs(start_runner=False, client_body_timeout_s=0.3)
+    port = port_of(jobs.base_url)
+    head = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        started = time.monotonic()
+        writer.write(head % len(SUBMISSION) + SUBMISSION[:5])  # and then nothing
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        assert time.monotonic() - started < 3
+        rest = await asyncio.wait_for(reader.readuntil(b"}}"), 5)
+        assert b'"request_timeout"' in rest
+        assert b"JOBS_CLIENT_BODY_TIMEOUT_S" in rest
+    finally:
+        writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head % len(SUBMISSION))
+        for i in range(0, len(SUBMISSION), 20):  # slower in total than the timeout, never silent
+            writer.write(SUBMISSION[i : i + 20])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 202"), status_line
+    finally:
+        writer.close()
+    assert await jobs.counts() == {JobStatus.QUEUED: 1}
+
+
+LOW_FD_LIMIT = (200, 256)  # soft, hard: a container's small limit
+HALF_OPEN = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # the head never ends
+
+
+def limited_jobs_cmd(*args: str) -> list[str]:
+    """`jobs-api` under a small open-files limit (set in the child before it becomes the service)."""
+    soft, hard = LOW_FD_LIMIT
+    code = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "sys.argv = ['jobs-api', *sys.argv[1:]]; runpy.run_module('jobs_api', run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, *args]
+
+
+async def healthz_status(port: int) -> int | None:
+    """The status of GET /healthz on a fresh connection, or None if the connection failed."""
+    try:
+        raw = await raw_exchange(
+            port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", within_s=2
+        )
+        return parse_response(raw)[0] if raw else None
+    except (OSError, TimeoutError):
+        return None
+
+
+async def drain_until_closed(reader: asyncio.StreamReader, within_s: float) -> bytes:
+    """What the server sends before it closes the connection ('' for a reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), within_s)
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.fixture
+def many_sockets() -> None:
+    """The test process itself holds over a thousand sockets: make sure its own limit allows it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2000:
+        if hard != resource.RLIM_INFINITY and hard < 2000:
+            pytest.skip(f"the open-files limit ({hard}) is too small for this test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2000, hard))
+
+
+async def test_cli_half_open_requests_do_not_stop_healthz_under_a_low_fd_limit(
+    spawn: Spawn, tmp_path: Path, many_sockets: None
+) -> None:
+    header_timeout_s = 1.0
+    proc = spawn(
+        limited_jobs_cmd("--port", "0", "--store", f"sqlite:///{tmp_path / 'jobs.db'}"),
+        clean_env(JOBS_CLIENT_HEADER_TIMEOUT_S=str(header_timeout_s)),
+    )
+    port = int((await proc.wait_line(LISTENING_RE, stream="stdout")).group(1))
+    assert open_files_limits(proc.popen.pid) == (LOW_FD_LIMIT[1], LOW_FD_LIMIT[1])  # soft raised to hard
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    total, batch, time_limit = 1100, 100, 20.0
+    started = time.monotonic()
+    try:
+
+        async def half_open() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            except (OSError, TimeoutError):
+                return None  # the backlog was full for a moment: that is the server defending itself
+            writer.write(HALF_OPEN)
+            return reader, writer
+
+        while len(conns) < total and time.monotonic() - started < time_limit:
+            opened = await asyncio.gather(*(half_open() for _ in range(batch)))
+            conns.extend(c for c in opened if c is not None)
+        assert len(conns) >= total * 0.9, len(conns)
+        flooded = time.monotonic()
+
+        # /healthz answers within a couple of seconds of the flood: the half-open requests time out.
+        deadline = flooded + header_timeout_s + 3.0
+        status = None
+        while status != 200:
+            assert time.monotonic() < deadline, f"/healthz did not answer: last {status}; {proc.output()}"
+            status = await healthz_status(port)
+            if status != 200:
+                await asyncio.sleep(0.05)
+
+        # Every half-open request got its answer (408 when it was served, 503 when over the cap)
+        # or was closed, within the timeout and linger time; none is held open.
+        answers = await asyncio.gather(
+            *(drain_until_closed(reader, header_timeout_s + 5.0) for reader, _ in conns)
+        )
+        timed_out = sum(a.startswith(b"HTTP/1.1 408") for a in answers)
+        refused = sum(a.startswith(b"HTTP/1.1 503") for a in answers)
+        assert timed_out >= 16, (timed_out, refused)
+        assert all(a == b"" or a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers)
+    finally:
+        for _, writer in conns:
+            writer.close()
+    assert await healthz_status(port) == 200
+    assert proc.popen.poll() is None
+    output = proc.output()
+    assert "Traceback" not in output
+    assert "Too many open files" not in output
+
+
+async def test_cli_connection_cap_closes_the_oldest_idle_or_refuses_with_503(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    proc, base = await start_jobs_proc(
+        spawn,
+        "--store",
+        f"sqlite:///{tmp_path / 'jobs.db'}",
+        env=clean_env(JOBS_MAX_CONNECTIONS="4", JOBS_CLIENT_HEADER_TIMEOUT_S="30"),
+    )
+    port = port_of(base)
+    busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    try:
+        for _, writer in busy:
+            writer.write(HALF_OPEN)  # in the middle of a request: not idle
+        await asyncio.sleep(0.2)
+        raw = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = parse_response(raw)
+        assert status == 503, raw
+        error = orjson.loads(body)["error"]
+        assert error["type"] == "too_many_connections"
+        assert "JOBS_MAX_CONNECTIONS" in error["message"]
+    finally:
+        for _, writer in busy:
+            writer.close()
+    await asyncio.sleep(0.2)
+
+    idle = []
+    for _ in range(4):  # idle keep-alive connections, oldest first
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 5)
+        assert answer.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.05)
+        idle.append((reader, writer))
+    try:
+        raw = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert parse_response(raw)[0] == 200, raw  # served: the oldest idle one made room
+        oldest = idle[0][0]
+        await asyncio.wait_for(oldest.read(), 5)  # ... and was closed
+        assert oldest.at_eof()
+        for reader, writer in idle[1:]:  # the others still serve
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 5)
+            assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in idle:
+            writer.close()
+    assert "Traceback" not in proc.output(), "".join(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"JOBS_CLIENT_HEADER_TIMEOUT_S": "0"}, "client_header_timeout_s"),
+        ({"JOBS_CLIENT_BODY_TIMEOUT_S": "-1"}, "client_body_timeout_s"),
+        ({"JOBS_MAX_CONNECTIONS": "0"}, "max_connections"),
+    ],
+)
+def test_cli_refuses_bad_connection_limits_with_one_line(env: dict[str, str], field: str) -> None:
+    result = subprocess.run(
+        jobs_cmd("serve"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env=clean_env(**env),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert field in lines[0]
+    assert f"JOBS_{field.upper()}" in lines[0]
