@@ -187,9 +187,8 @@ class JobsRequestHandler(RequestHandler):
             return
         transport.write(raw_response(status, reason, error_type, message))
         manager = self._manager
-        if (
-            not (isinstance(manager, JobsServer) and manager.start_lingering())
-            or not transport.can_write_eof()
+        if not transport.can_write_eof() or not (
+            isinstance(manager, JobsServer) and manager.start_lingering()
         ):
             self.force_close()  # the transport sends what is buffered before it closes
             return
