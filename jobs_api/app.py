@@ -23,7 +23,7 @@ from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.metrics import JobsMetrics
-from jobs_api.routes import add_routes, auth_middleware, error_middleware
+from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
 
@@ -92,7 +92,7 @@ def create_app(
     """
     prometheus = registry_metrics if registry_metrics is not None else CollectorRegistry()
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, content_type_middleware, auth_middleware],
         client_max_size=settings.max_input_bytes + BODY_SLACK_BYTES,
     )
     app[SETTINGS] = settings

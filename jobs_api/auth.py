@@ -22,8 +22,8 @@ from jobs_api.errors import Unauthorized
 from jobs_api.models import Job
 
 ADMIN_ROLE = "admin"
-# Room for clock skew between the token issuer and this service when checking exp/nbf.
-JWT_LEEWAY_S = 30.0
+# Registered date claims (RFC 7519 4.1.4-6): NumericDate values, never strings.
+DATE_CLAIMS = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,11 @@ class Principal:
 
 
 ANONYMOUS = Principal(subject="anonymous", tenant=None, roles=frozenset())
+
+
+def is_numeric_date(value: Any) -> bool:
+    """True for a JWT NumericDate: a JSON number (not a string, not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class AuthConfigError(ValueError):
@@ -98,6 +103,7 @@ class Authenticator:
         self._issuer = settings.jwt_issuer
         self._tenant_claim = settings.jwt_tenant_claim
         self._roles_claim = settings.jwt_roles_claim
+        self._leeway_s = settings.jwt_leeway_s
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an `Authorization: Bearer ...` header; raises Unauthorized."""
@@ -111,6 +117,10 @@ class Authenticator:
             raise Unauthorized(
                 "unsupported Authorization scheme: send Authorization: Bearer <API key or JWT>"
             )
+        # Header bytes that are not UTF-8 arrive as surrogates; a token (RFC 6750 b64token) is
+        # printable ASCII, so anything else is refused before it is hashed or parsed.
+        if not (token.isascii() and token.isprintable()):
+            raise Unauthorized("malformed credentials: a Bearer token is printable ASCII")
         principal = self._api_key(token)
         if principal is not None:
             return principal
@@ -145,7 +155,7 @@ class Authenticator:
                 algorithms=[alg],  # exactly one, matching the key: no algorithm confusion
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=JWT_LEEWAY_S,
+                leeway=self._leeway_s,
                 options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
             )
         except jwt.PyJWTError as exc:
@@ -153,6 +163,10 @@ class Authenticator:
         return self._principal(claims)
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
+        for name in DATE_CLAIMS:
+            # PyJWT would read "exp": "1700000000" as a date; RFC 7519 dates are JSON numbers.
+            if name in claims and not is_numeric_date(claims[name]):
+                raise Unauthorized(f"invalid token: {name!r} must be a number (seconds since the epoch)")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("invalid token: 'sub' must be a non-empty string")

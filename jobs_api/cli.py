@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -34,6 +35,7 @@ from jobs_api.errors import JobsError
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
 from jobs_api.keys import STOPPING
+from jobs_api.server import JobsAppRunner, default_max_connections
 from jobs_api.store import open_store, redacted_url
 
 # One entry point runs the service and the client commands, so the client commands import the
@@ -170,6 +172,25 @@ def check_settings(settings: JobsSettings) -> HandlerRegistry:
         raise UsageError(f"invalid configuration: handlers: {exc} (set via JOBS_HANDLERS)") from None
 
 
+def raise_open_files_limit() -> int | None:
+    """Raise the soft open-files limit to the hard one (as the gateway does); the new soft limit.
+
+    Each client connection holds a descriptor: with the soft limit of many systems (1024), a few
+    hundred slow clients would otherwise starve the listening socket. None: no limit.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def configure_logging(level: str) -> None:
     """Plain one-line logs on stderr."""
     logging.basicConfig(
@@ -186,11 +207,18 @@ async def serve(
     *,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    open_files: int | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then stop accepting and drain for shutdown_grace_s."""
+    """Serve until SIGTERM/SIGINT (or `stop`), then stop accepting and drain for shutdown_grace_s.
+
+    Without `max_connections` in the settings, the connection cap follows from `open_files` (the
+    process's open-files limit; None: no cap).
+    """
     app = create_app(settings, registry=registry)
-    runner = web.AppRunner(
+    runner = JobsAppRunner(
         app,
+        header_timeout_s=settings.client_header_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(open_files),
         access_log=None,
         handler_cancellation=True,  # a client that leaves must not keep its handler running
         shutdown_timeout=settings.shutdown_grace_s,
@@ -245,8 +273,9 @@ def run_service(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     registry = check_settings(settings)
     configure_logging(settings.log_level)
+    open_files = raise_open_files_limit()
     try:
-        run(lambda: serve(settings, registry))
+        run(lambda: serve(settings, registry, open_files=open_files))
     except OSError as exc:
         # Typically the port is taken or the address does not exist on this host.
         print(

@@ -41,6 +41,13 @@ class JobsSettings(BaseSettings):
     # Import paths of modules that register custom job types (comma-separated in the env).
     # NoDecode: the env value is "a.b,c.d" (or a JSON list), not JSON that pydantic-settings decodes.
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
+    # A client must send a complete request head within this long of connecting (or of the first
+    # byte of a later request on a keep-alive connection), else 408 and the connection closes ...
+    client_header_timeout_s: float = Field(60.0, gt=0)
+    # ... and may not go silent for longer than this while its body is read (408).
+    client_body_timeout_s: float = Field(60.0, gt=0)
+    # Client connections served at once; by default derived from the open-files limit.
+    max_connections: int | None = Field(None, ge=1)
     # Largest accepted request body on submission, in bytes.
     max_input_bytes: int = Field(1024 * 1024, ge=1024)
     # Deepest nesting of lists and objects accepted in a submission's input and metadata.
@@ -71,6 +78,8 @@ class JobsSettings(BaseSettings):
     # Claims read from a JWT: subject, organisation (tenant) and roles.
     jwt_tenant_claim: str = "org"
     jwt_roles_claim: str = "roles"
+    # Clock skew allowed between the token issuer and this service when checking exp, nbf and iat.
+    jwt_leeway_s: float = Field(5.0, ge=0, le=300)
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Event streams: a comment line this often keeps proxies and clients from closing an idle one,
     # and events written by another process are noticed within sse_poll_s (this process's at once).

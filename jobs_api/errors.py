@@ -28,6 +28,13 @@ class Unauthorized(JobsError):
     error_type = "unauthorized"
 
 
+class RequestTimeout(JobsError):
+    """The client went silent while its request body was being read; the connection is closed."""
+
+    status = 408
+    error_type = "request_timeout"
+
+
 class JobNotFound(JobsError):
     """No such job, or one the caller may not see."""
 
@@ -47,6 +54,13 @@ class PayloadTooLarge(JobsError):
 
     status = 413
     error_type = "payload_too_large"
+
+
+class UnsupportedMediaType(JobsError):
+    """A write whose body is not declared as application/json."""
+
+    status = 415
+    error_type = "unsupported_media_type"
 
 
 class ValidationFailed(JobsError):

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.config import check_header_name
 from jobs_api.handlers import (
     HandlerRegistry,
     JobContext,
@@ -42,6 +43,20 @@ class InferenceInput(BaseModel):
     def _check_path(cls, value: str) -> str:
         if not value.startswith("/") or value.startswith("//"):
             raise ValueError("must be a path on the gateway starting with one '/', e.g. /v1/chat/completions")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # Refused at submission: CR/LF or another control character would otherwise fail every
+        # attempt of the job later (or split the request), and the HTTP client would raise.
+        for name, field_value in value.items():
+            check_header_name(name)
+            bad = next((c for c in field_value if (c < " " and c != "\t") or c == "\x7f"), None)
+            if bad is not None:
+                raise ValueError(f"header {name!r} has a control character {bad!r} in its value")
+            if not field_value.isascii() and any(ord(c) > 0xFF for c in field_value):
+                raise ValueError(f"header {name!r} has characters outside Latin-1 in its value")
         return value
 
 

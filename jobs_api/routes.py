@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -29,7 +29,9 @@ from jobs_api.errors import (
     JobsError,
     OutcomeUnknown,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
@@ -39,6 +41,8 @@ from jobs_api.store import JobEvent, JobQuery, LogLevel
 log = logging.getLogger(__name__)
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)
+# The response of the request once it has been prepared (its status line is on its way).
+STARTED_RESPONSE: Final = web.RequestKey("started_response", web.StreamResponse)
 
 DEFAULT_LIST_LIMIT: Final = 20
 MAX_LIST_LIMIT: Final = 100
@@ -46,6 +50,9 @@ MAX_IDEMPOTENCY_KEY: Final = 255
 # A listing's JSON around its jobs: `{"jobs":[`, `],"next_cursor":"<about 80 characters>"}`.
 LIST_ENVELOPE_BYTES: Final = 128
 READ_CHUNK: Final = 64 * 1024
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
+MAX_EVENT_ID: Final = 2**63 - 1
 # Fields of a batch submission that describe the job rather than its input.
 JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
 HTTP_ERROR_TYPES: Final = {
@@ -155,16 +162,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Map JobsError (and aiohttp's own HTTP errors) to JSON; never a traceback in a response."""
     try:
         return await handler(request)
-    except JobsError as exc:
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        response = _error_response(request, exc)
+        started: web.StreamResponse | None = request.get(STARTED_RESPONSE)
+        if started is None:
+            return response
+        # The response (an event stream) has started: an error response written now would land
+        # inside it. The connection is dropped instead, which tells the client the stream broke.
+        request.protocol.force_close()
+        return started
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, JobsError):
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
         response = error_response(exc.status, exc.error_type, exc.message)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="jobs-api"'
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of the body may still come: never parse it as a request
         return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException):
         message = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
         if exc.status == 404:
             message = f"no route for {request.method} {request.path}"
@@ -172,9 +193,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the server log has the details")
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error; the server log has the details")
+
+
+async def mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: from here on, an error can no longer become a response of its own."""
+    request[STARTED_RESPONSE] = response
+
+
+def needs_json_content_type(method: str, has_body: bool) -> bool:
+    """Whether a request must be `Content-Type: application/json` to be served: writes with a body.
+
+    A cross-site HTML form or a plain `fetch` can send text/plain, form and multipart bodies
+    without a CORS preflight, but never application/json; so requiring it keeps a web page from
+    submitting jobs through a visitor's browser (CSRF; in open mode nothing else would stop it).
+    A write without a body (a cancel) passes whatever it declares: clients such as aiohttp label
+    even an empty POST application/octet-stream.
+    """
+    return has_body and method in WRITE_METHODS
+
+
+@web.middleware
+async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """415 for a write whose body is not declared as application/json (parameters allowed)."""
+    if needs_json_content_type(request.method, request.body_exists):
+        if request.content_type != "application/json":
+            declared = request.headers.get("Content-Type")
+            shown = "none" if declared is None else repr(declared[:100])
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json for {request.method} requests (got {shown})"
+            )
+    return await handler(request)
 
 
 @web.middleware
@@ -188,6 +238,26 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # --- request parsing ----------------------------------------------------------------------------
 
 
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in chunks; RequestTimeout when the client is silent for too long.
+
+    The timeout (JOBS_CLIENT_BODY_TIMEOUT_S) is per read, so a slow but steady upload is fine; a
+    client that stops sending would otherwise hold its connection and handler for ever.
+    """
+    idle_timeout_s = request.app[SETTINGS].client_body_timeout_s
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.read(READ_CHUNK)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body silent for more than {idle_timeout_s:g} s (JOBS_CLIENT_BODY_TIMEOUT_S)"
+            ) from None
+        if not chunk:
+            return
+        yield chunk
+
+
 async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
     declared = request.content_length
@@ -196,7 +266,7 @@ async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
             f"request body of {declared} bytes exceeds the limit of {limit} (JOBS_MAX_INPUT_BYTES)"
         )
     body = bytearray()
-    async for chunk in request.content.iter_chunked(READ_CHUNK):
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (JOBS_MAX_INPUT_BYTES)")
@@ -322,18 +392,30 @@ def parse_level(text: str | None) -> LogLevel:
         raise BadRequest(f"level: {text!r} is not one of debug, info, warning, error") from None
 
 
+def parse_event_id(text: str) -> int:
+    """An event id as a client may send it back: decimal digits, 0..MAX_EVENT_ID; else ValueError."""
+    digits = text.strip()
+    # str.isdigit alone would pass other scripts' digits; int() would pass "+1", "1_0", " -0".
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(MAX_EVENT_ID)):
+        raise ValueError(text)
+    value = int(digits)
+    if value > MAX_EVENT_ID:
+        raise ValueError(text)
+    return value
+
+
 def parse_last_event_id(request: web.Request) -> int:
     """The event id to resume after (Last-Event-ID header or ?last_event_id=), 0 from the start."""
     text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if text is None or not text.strip():
         return 0
     try:
-        value = int(text.strip())
+        return parse_event_id(text)
     except ValueError:
-        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id") from None
-    if value < 0:
-        raise BadRequest(f"Last-Event-ID: {text!r} is not an event id")
-    return value
+        shown = text if len(text) <= 64 else text[:64] + "..."
+        raise BadRequest(
+            f"Last-Event-ID: {shown!r} is not an event id (an integer 0..{MAX_EVENT_ID})"
+        ) from None
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -629,6 +711,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register every route of the jobs API on `app`."""
+    app.on_response_prepare.append(mark_response_started)
     r = app.router
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs", list_jobs)
