@@ -24,6 +24,7 @@ from gateway.config import GatewaySettings, UpstreamSettings
 from gateway.http.client import UpstreamClient
 from gateway.http.egress import ProxyConfig, select_proxy
 from gateway.http.server import HttpServer
+from gateway.load_poller import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
 from gateway.policy.outlier import Transition
@@ -93,11 +94,20 @@ class Gateway:
             keepalive_s=settings.upstream_keepalive_s,
             egress=self.egress,
         )
+        self.load_poller = LoadPoller(
+            self.pool,
+            self.metrics,
+            clock=clock,
+            rng=rng,
+            keepalive_s=settings.upstream_keepalive_s,
+            egress=self.egress,
+        )
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the health checks and the idle-connection sweep on the running loop."""
         await self.prober.start()
+        await self.load_poller.start()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -113,6 +123,7 @@ class Gateway:
             self._sweeper.cancel()
             self._sweeper = None
         await self.prober.stop()
+        await self.load_poller.stop()
         for client in self.clients:
             client.close()
 

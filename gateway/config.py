@@ -51,6 +51,22 @@ class Strategy(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_INFLIGHT = "least_inflight"
     PRIORITY = "priority"
+    ENGINE = "engine"  # affinity bounded by the engines' own load (gateway/policy/engine.py)
+
+
+class LoadReport(StrEnum):
+    """Whether the gateway asks an upstream for a per-response load report."""
+
+    NONE = "none"
+    ORCA = "orca"  # vLLM's endpoint-load-metrics header on non-streaming responses
+
+
+class AffinityKey(StrEnum):
+    """What keeps requests on the same engine."""
+
+    PREFIX = "prefix"
+    SESSION = "session"
+    NONE = "none"
 
 
 class Continuation(StrEnum):
@@ -66,6 +82,24 @@ class ConfigError(Exception):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoadMetricNames(_Frozen):
+    """Prometheus names of an engine's load; the first one present is used."""
+
+    waiting: tuple[str, ...] = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+    running: tuple[str, ...] = ("vllm:num_requests_running", "sglang:num_running_reqs")
+    kv: tuple[str, ...] = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+
+
+class LoadMetricsSettings(_Frozen):
+    """Polling an engine's Prometheus text for its load."""
+
+    path: str = "/metrics"
+    interval_s: float = Field(1.0, gt=0)
+    # A report older than this is ignored (also for ORCA headers).
+    stale_s: float = Field(3.0, gt=0)
+    names: LoadMetricNames = LoadMetricNames()
 
 
 class UpstreamSettings(_Frozen):
@@ -89,6 +123,10 @@ class UpstreamSettings(_Frozen):
     proxy: str | None = None
     # PEM CA bundle that verifies this https upstream, instead of the system's CAs.
     tls_ca_file: str | None = None
+    # `orca`: ask for vLLM's endpoint-load-metrics header on non-streaming responses and read it.
+    load_report: LoadReport = LoadReport.NONE
+    # Poll the engine's /metrics for its queue and KV usage.
+    load_metrics: LoadMetricsSettings | None = None
     # Models served: a list of names, or a map from the name clients ask for to the name this
     # upstream wants (an Azure deployment, say). Unset: every model.
     models: dict[str, str] | None = None
@@ -254,6 +292,38 @@ class StreamSettings(_Frozen):
     max_held_bytes: int = Field(65536, ge=1024)
 
 
+class SaturationSettings(_Frozen):
+    """When an engine is too busy to be sent more (engine strategy)."""
+
+    queue: float = Field(5.0, ge=0)  # waiting requests it reports
+    kv: float = Field(0.9, gt=0, le=1)  # KV cache usage it reports
+    # With every engine saturated, a request waits this long for one to calm down, then 429.
+    max_wait_s: float = Field(2.0, ge=0)
+    # Most requests waiting so; more get 429 at once.
+    max_waiting: int = Field(1024, ge=0)
+    # Waiting requests go first by this header (higher first), then in arrival order.
+    priority_header: str = "X-Gateway-Priority"
+
+    @field_validator("priority_header")
+    @classmethod
+    def _check_header(cls, value: str) -> str:
+        return check_header_name(value)
+
+
+class AffinitySettings(_Frozen):
+    """Keeping prompts near their cached prefixes (engine strategy)."""
+
+    key: AffinityKey = AffinityKey.PREFIX
+    header: str = "X-Session-ID"
+    prefix_chars: int = Field(4096, ge=1)
+    slack: float = Field(0.25, ge=0)
+
+    @field_validator("header")
+    @classmethod
+    def _check_header(cls, value: str) -> str:
+        return check_header_name(value)
+
+
 class RetrySettings(_Frozen):
     """When and how often a failed attempt is tried again on another upstream."""
 
@@ -385,6 +455,8 @@ class GatewaySettings(BaseSettings):
     strategy: Strategy = Strategy.LATENCY
     timeouts: TimeoutSettings = TimeoutSettings()
     stream: StreamSettings = StreamSettings()
+    saturation: SaturationSettings = SaturationSettings()
+    affinity: AffinitySettings = AffinitySettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     outlier: OutlierSettings = OutlierSettings()

@@ -85,3 +85,10 @@ class CallerLimited(GatewayError):
 
     status = 429
     error_type = "caller_rate_limited"
+
+
+class EnginesSaturated(GatewayError):
+    """Every engine stayed saturated for the whole admission wait."""
+
+    status = 429
+    error_type = "engines_saturated"

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.policy.classify import Outcome
+from gateway.policy.load import fresh
 from gateway.policy.outlier import State
 from gateway.policy.upstreams import Pool
 
@@ -33,13 +34,27 @@ EJECTION_REASONS = {
 class UpstreamMetrics:
     """Label children of one upstream, bound once."""
 
-    __slots__ = ("checks", "continuations", "ejections", "outcomes", "stream_aborts", "ttfb", "ttft")
+    __slots__ = (
+        "checks",
+        "continuations",
+        "ejections",
+        "load_reports",
+        "outcomes",
+        "stream_aborts",
+        "ttfb",
+        "ttft",
+    )
 
     def __init__(self, m: GatewayMetrics, name: str) -> None:
         self.outcomes = {o: m.upstream_requests.labels(name, o.value) for o in Outcome}
         self.ttfb = m.upstream_ttfb.labels(name)
         self.ttft = m.upstream_ttft.labels(name)
         self.continuations = {r: m.continuations.labels(name, r) for r in CONTINUATION_RESULTS}
+        self.load_reports = {
+            (source, result): m.load_reports.labels(name, source, result)
+            for source in ("orca", "metrics")
+            for result in ("ok", "malformed", "error")
+        }
         self.stream_aborts = m.stream_aborts.labels(name)
         self.ejections = {s: m.ejections.labels(name, r) for s, r in EJECTION_REASONS.items()}
         self.checks = {ok: m.health_checks.labels(name, "pass" if ok else "fail") for ok in (1, 0)}
@@ -91,6 +106,20 @@ class GatewayMetrics:
             "Cut streams sent to this upstream to be finished, by result (continued: it answered; "
             "refused: it rejected the continuation; failed: it failed before any output).",
             ["upstream", "result"],
+            registry=registry,
+        )
+        self.load_reports = Counter(
+            "gateway_load_reports",
+            "Engine load reports read, by source (orca header, polled metrics) and result (ok, "
+            "malformed: ignored, error: the poll failed).",
+            ["upstream", "source", "result"],
+            registry=registry,
+        )
+        self.saturation_waits = Counter(
+            "gateway_saturation_waits",
+            "Requests that waited because every engine was saturated, by result (admitted, "
+            "rejected: answered 429).",
+            ["result"],
             registry=registry,
         )
         self.retries = Counter(
@@ -168,6 +197,26 @@ class GatewayMetrics:
         child.inc()
 
 
+def _fresh_gauges() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            "gateway_upstream_engine_waiting",
+            "Requests waiting in the engine, as its latest fresh load report says.",
+            labels=["upstream"],
+        ),
+        GaugeMetricFamily(
+            "gateway_upstream_engine_running",
+            "Requests running in the engine, as its latest fresh load report says.",
+            labels=["upstream"],
+        ),
+        GaugeMetricFamily(
+            "gateway_upstream_engine_kv_usage",
+            "KV cache usage of the engine (0..1), as its latest fresh load report says.",
+            labels=["upstream"],
+        ),
+    )
+
+
 class PoolCollector(Collector):
     """Pool state read at scrape time."""
 
@@ -205,8 +254,23 @@ class PoolCollector(Collector):
             ewma.add_metric([up.name], up.latency_s)
             for s in State:
                 state.add_metric([up.name, s.value], 1.0 if s is current else 0.0)
+        yield from self._engine_gauges(now)
         total = GaugeMetricFamily("gateway_routable_upstreams", "Upstreams normal selection can use now.")
         total.add_metric([], routable)
         active = GaugeMetricFamily("gateway_requests_in_flight", "Requests being served now.")
         active.add_metric([], self._requests_in_flight())
         yield from (healthy, inflight, ewma, state, total, active)
+
+    def _engine_gauges(self, now: float) -> Iterator[Metric]:
+        waiting, running, kv = _fresh_gauges()
+        for up in self._pool.upstreams:
+            report = fresh(up.engine, now, up.stale_s)
+            if report is None:
+                continue
+            if report.waiting is not None:
+                waiting.add_metric([up.name], report.waiting)
+            if report.running is not None:
+                running.add_metric([up.name], report.running)
+            if report.kv is not None:
+                kv.add_metric([up.name], report.kv)
+        yield from (waiting, running, kv)

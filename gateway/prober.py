@@ -24,6 +24,43 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 1.0
 
 
+Egress = Mapping[str, tuple[ProxyConfig | None, ssl.SSLContext | None]]
+
+
+def request_options(pool: Pool, egress: Egress | None) -> dict[str, dict[str, Any]]:
+    """aiohttp request options per upstream name: its headers, and the same proxy and trust as
+    the data path. Built once."""
+    out: dict[str, dict[str, Any]] = {}
+    for up in pool.upstreams:
+        proxy, context = (egress or {}).get(up.name, (None, None))
+        options: dict[str, Any] = {"headers": dict(up.headers)}
+        if context is not None:
+            options["ssl"] = context
+        if proxy is not None:
+            options["proxy"] = proxy.url
+            auth = proxy.authorization
+            if auth is not None:
+                # aiohttp sends proxy_headers on CONNECT only; a plain http request goes to
+                # the proxy itself, so there it is one of the request's own headers.
+                if context is not None:
+                    options["proxy_headers"] = {"Proxy-Authorization": auth.decode()}
+                else:
+                    options["headers"]["Proxy-Authorization"] = auth.decode()
+        out[up.name] = options
+    return out
+
+
+def new_session(keepalive_s: float) -> aiohttp.ClientSession:
+    """A session for the gateway's own small requests to upstreams (checks, load polls)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s),
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
 class HealthProber:
     """Runs one check loop per upstream that has a health path, plus a state refresh loop."""
 
@@ -36,28 +73,11 @@ class HealthProber:
         clock: Callable[[], float],
         rng: random.Random,
         keepalive_s: float,
-        egress: Mapping[str, tuple[ProxyConfig | None, ssl.SSLContext | None]] | None = None,
+        egress: Egress | None = None,
     ) -> None:
         """`egress`: each upstream's proxy and TLS context by name, as the data path uses them."""
         self._pool = pool
-        # Per-upstream request options, built once: the same proxy and trust as the data path.
-        self._options: dict[str, dict[str, Any]] = {}
-        for up in pool.upstreams:
-            proxy, context = (egress or {}).get(up.name, (None, None))
-            options: dict[str, Any] = {"headers": dict(up.headers)}
-            if context is not None:
-                options["ssl"] = context
-            if proxy is not None:
-                options["proxy"] = proxy.url
-                auth = proxy.authorization
-                if auth is not None:
-                    # aiohttp sends proxy_headers on CONNECT only; a plain http request goes to
-                    # the proxy itself, so there it is one of the request's own headers.
-                    if context is not None:
-                        options["proxy_headers"] = {"Proxy-Authorization": auth.decode()}
-                    else:
-                        options["headers"]["Proxy-Authorization"] = auth.decode()
-            self._options[up.name] = options
+        self._options = request_options(pool, egress)
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
         self._settings = settings
@@ -70,13 +90,7 @@ class HealthProber:
     async def start(self) -> None:
         """Open the checks' HTTP session and start the loops on the running event loop."""
         # Health checks are a few requests a second at most: aiohttp's client is fine here.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_s),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        self._session = new_session(self._keepalive_s)
         for up in self._pool.upstreams:
             if up.health_path is not None:
                 self._tasks.append(asyncio.create_task(self._loop(up), name=f"health:{up.name}"))

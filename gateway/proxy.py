@@ -27,11 +27,12 @@ from types import TracebackType
 import orjson
 
 from gateway.admission import Admission, Admitted, ModelRoute
-from gateway.config import GatewaySettings, StreamCommit
+from gateway.config import AffinityKey, GatewaySettings, LoadReport, Strategy, StreamCommit
 from gateway.errors import (
     BadRequest,
     ClientTimeout,
     DeadlineExceeded,
+    EnginesSaturated,
     GatewayError,
     NoUpstreamAvailable,
     UpstreamTimeout,
@@ -52,11 +53,15 @@ from gateway.http.headers import (
 from gateway.http.server import Request, RequestBody, RequestTimeout, Responder
 from gateway.http.target import escapes_prefix
 from gateway.metrics import GatewayMetrics
+from gateway.policy.affinity import prefix_key, session_key
 from gateway.policy.classify import Outcome, classify_status
+from gateway.policy.load import ORCA_HEADER, MalformedReport, parse_orca
+from gateway.policy.models import read_model
 from gateway.policy.rejections import Rejection, classify_rejection
 from gateway.policy.retry import GiveUp, GiveUpReason, Retry, RetryPolicy, backoff_s
 from gateway.policy.upstreams import Choice, Pool, Upstream
 from gateway.retry_gate import RetryGate
+from gateway.saturation_gate import SaturationGate
 from gateway.stream.continuation import Transcript, continuation_body, splice
 from gateway.stream.events import Event, EventScanner, Kind
 
@@ -119,6 +124,7 @@ class _Exchange:
     client_deadline: bool = False  # the deadline is the client's (X-Gateway-Timeout), not ours
     admitted: Admitted | None = None  # caller and model, when callers or models are configured
     refused: list[Upstream] = field(default_factory=list)  # upstreams that refused to connect
+    key: bytes | None = None  # affinity key (engine strategy)
 
     @property
     def upstream(self) -> Upstream | None:
@@ -221,7 +227,17 @@ class Proxy:
         self._settings = settings
         self._pool = pool
         self._clients = clients  # by Upstream.index
-        self._static = [StaticFields(up.headers) if up.headers else NO_STATIC for up in pool.upstreams]
+        # Upstreams asked for vLLM's ORCA load report carry the request field that asks for it.
+        self._orca = [cfg.load_report is LoadReport.ORCA for cfg in settings.upstreams]
+        orca_field = (("Endpoint-Load-Metrics-Format", "TEXT"),)
+        self._static = [
+            StaticFields(up.headers + orca_field)
+            if orca
+            else StaticFields(up.headers)
+            if up.headers
+            else NO_STATIC
+            for up, orca in zip(pool.upstreams, self._orca, strict=True)
+        ]
         self._names = [up.name.encode() for up in pool.upstreams]
         self._metrics = metrics
         self._retry_gate = retry_gate
@@ -246,7 +262,17 @@ class Proxy:
         self._admission = Admission(settings, clock())
         # A caller's own credential is read, and never forwarded upstream.
         consume = ("authorization", "api-key") if settings.callers else ()
-        self._fields = RequestFieldReader(extra=(t.deadline_header,), consume=consume)
+        self._engine = settings.strategy is Strategy.ENGINE
+        aff, sat = settings.affinity, settings.saturation
+        self._affinity = aff.key if self._engine else AffinityKey.NONE
+        self._affinity_field = aff.header.lower().encode()
+        self._prefix_chars = aff.prefix_chars
+        self._saturation = SaturationGate(sat.max_waiting)
+        self._saturation_wait_s = sat.max_wait_s
+        self._priority_field = sat.priority_header.lower().encode()
+        pool.on_load = self._saturation.wake
+        extra = (t.deadline_header, aff.header, sat.priority_header) if self._engine else (t.deadline_header,)
+        self._fields = RequestFieldReader(extra=extra, consume=consume)
         self._access_log = settings.access_log
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
         # and much cheaper on the hot path.
@@ -347,14 +373,10 @@ class Proxy:
         body: _Body,
         deadline: float | None,
     ) -> int:
-        now = self._clock()
         route = None if ex.admitted is None else ex.admitted.route
-        choice = self._pool.choose(now, self._rng) if route is None else self._first_choice(route, now)
-        if choice is None:
-            raise NoUpstreamAvailable(
-                self._pool.describe_unavailable(now), retry_after_s=self._pool.retry_after_s(now)
-            )
+        choice: Choice | None = await self._first_upstream(fields, ex, body, route, deadline)
         while True:
+            assert choice is not None
             up = choice.upstream
             if choice.panic:
                 self._metrics.panic.inc()
@@ -539,15 +561,29 @@ class Proxy:
         last = ex.attempts + 1 >= self._policy.max_attempts
         pool, rng, tried, refused = self._pool, self._rng, ex.tried, ex.refused
         if route is None:
-            return pool.choose(now, rng, tried, accept, wait_up_to_s, last=last, refused=refused)
+            return pool.choose(now, rng, tried, accept, wait_up_to_s, last=last, refused=refused, key=ex.key)
         choice = pool.choose(
-            now, rng, tried, _both(accept, route.accepts), wait_up_to_s, last=last, refused=refused
+            now,
+            rng,
+            tried,
+            _both(accept, route.accepts),
+            wait_up_to_s,
+            last=last,
+            refused=refused,
+            key=ex.key,
         )
         while route.has_fallback and (choice is None or choice.upstream in ex.tried):
             at = route.at
             self._fall_back(route)
             fallback = pool.choose(
-                now, rng, tried, _both(accept, route.accepts), wait_up_to_s, last=last, refused=refused
+                now,
+                rng,
+                tried,
+                _both(accept, route.accepts),
+                wait_up_to_s,
+                last=last,
+                refused=refused,
+                key=ex.key,
             )
             if fallback is not None:
                 return fallback
@@ -556,13 +592,78 @@ class Proxy:
                 return choice
         return choice
 
-    def _first_choice(self, route: ModelRoute, now: float) -> Choice | None:
+    async def _first_upstream(
+        self,
+        fields: RequestFields,
+        ex: _Exchange,
+        body: _Body,
+        route: ModelRoute | None,
+        deadline: float | None,
+    ) -> Choice:
+        """The upstream of the first attempt (after waiting, if every engine is saturated)."""
+        now = self._clock()
+        if self._affinity is not AffinityKey.NONE:
+            ex.key = self._affinity_key(fields, body, route)
+        if route is None:
+            choice = self._pool.choose(now, self._rng, key=ex.key)
+        else:
+            choice = self._first_choice(route, now, ex.key)
+        if choice is not None and choice.saturated:
+            choice = await self._when_calm(fields, ex, route, deadline)
+        if choice is None:
+            now = self._clock()
+            raise NoUpstreamAvailable(
+                self._pool.describe_unavailable(now), retry_after_s=self._pool.retry_after_s(now)
+            )
+        return choice
+
+    def _first_choice(self, route: ModelRoute, now: float, key: bytes | None) -> Choice | None:
         """The first upstream for a routed request: of its model, else of its fallbacks in turn."""
-        choice = self._pool.choose(now, self._rng, accept=route.accepts)
+        choice = self._pool.choose(now, self._rng, accept=route.accepts, key=key)
         while choice is None and route.has_fallback:
             self._fall_back(route)
-            choice = self._pool.choose(now, self._rng, accept=route.accepts)
+            choice = self._pool.choose(now, self._rng, accept=route.accepts, key=key)
         return choice
+
+    def _affinity_key(self, fields: RequestFields, body: _Body, route: ModelRoute | None) -> bytes | None:
+        """What keeps this request near its cache: its session, or the start of its prompt."""
+        parsed = None if route is None else route.found.parsed
+        data = body.data
+        if parsed is None and isinstance(data, (bytes, bytearray)) and data[:1] == b"{":
+            found = read_model(data)
+            parsed = None if found is None else found.parsed
+        if self._affinity is AffinityKey.SESSION:
+            return session_key(fields.get(self._affinity_field), parsed)
+        return None if parsed is None else prefix_key(parsed, self._prefix_chars)
+
+    async def _when_calm(
+        self, fields: RequestFields, ex: _Exchange, route: ModelRoute | None, deadline: float | None
+    ) -> Choice | None:
+        """Every engine is saturated: wait, in priority order, for one to calm down, else 429."""
+        raw = fields.get(self._priority_field)
+        try:
+            priority = int(raw) if raw is not None else 0
+        except ValueError:
+            raise BadRequest(f"{self._priority_field.decode()} must be an integer") from None
+        ticket = self._saturation.ticket(priority)
+        until = self._clock() + self._saturation_wait_s
+        if deadline is not None:
+            until = min(until, deadline)
+        waits = self._metrics.saturation_waits
+        while ticket is not None and (left := until - self._clock()) > 0:
+            await self._saturation.wait(ticket, left)
+            now = self._clock()
+            if route is None:
+                choice = self._pool.choose(now, self._rng, key=ex.key)
+            else:
+                choice = self._first_choice(route, now, ex.key)
+            if choice is None or not choice.saturated:
+                waits.labels("admitted").inc()
+                return choice
+        waits.labels("rejected").inc()
+        raise EnginesSaturated(
+            "every engine is saturated (queue or KV cache); try again shortly", retry_after_s=1.0
+        )
 
     def _fall_back(self, route: ModelRoute) -> None:
         """Move a routed request on to its next fallback model."""
@@ -652,7 +753,23 @@ class Proxy:
         um.outcomes[outcome].inc()
         if not is_stream:
             um.ttft.observe(ttfb)  # the whole generation, for a response that is not a stream
+        if self._orca[up.index]:
+            self._read_orca(up, resp, now)
         return resp
+
+    def _read_orca(self, up: Upstream, resp: UpstreamResponse, now: float) -> None:
+        value = field_value(resp.fields, ORCA_HEADER)
+        if value is None:
+            return
+        results = self._metrics.per_upstream[up.name].load_reports
+        try:
+            report = parse_orca(value, now)
+        except MalformedReport as exc:
+            results[("orca", "malformed")].inc()
+            log.debug("upstream %s: unreadable ORCA report %r (%s)", up.name, value, exc)
+            return
+        results[("orca", "ok")].inc()
+        self._pool.record_load(up, report)
 
     def _attempt_error(self, failed: _AttemptFailed, up: Upstream, ex: _Exchange) -> GatewayError:
         retry_after = self._pool.retry_after_s(self._clock())

@@ -58,6 +58,7 @@ _RESPONSE_KINDS: dict[bytes, int] = {
     b"x-gateway-upstream": _DROP,
     b"x-gateway-attempts": _DROP,
     b"x-gateway-model": _DROP,
+    b"endpoint-load-metrics": _DROP,  # the engine's load report is for the gateway, as Envoy does
 }
 
 

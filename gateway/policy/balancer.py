@@ -106,6 +106,6 @@ def pick(strategy: Strategy, cands: Sequence[C], rng: random.Random) -> C:
         return pick_p2c(cands, rng)
     if strategy is Strategy.ROUND_ROBIN:
         return pick_round_robin(cands)
-    if strategy is Strategy.LEAST_INFLIGHT:
-        return pick_least_inflight(cands, rng)
+    if strategy is Strategy.LEAST_INFLIGHT or strategy is Strategy.ENGINE:
+        return pick_least_inflight(cands, rng)  # the pool picks for `engine` itself (policy/engine.py)
     return cands[0]

@@ -27,10 +27,13 @@ from typing import NamedTuple
 from gateway.config import Continuation, GatewaySettings, Strategy, UpstreamSettings
 from gateway.policy.balancer import cost, pick
 from gateway.policy.classify import Outcome, is_failure
+from gateway.policy.engine import EngineRules, all_saturated, pick_engine
 from gateway.policy.ewma import PeakEwma
+from gateway.policy.load import EngineLoad
 from gateway.policy.outlier import State, Transition, UpstreamHealth
 
 FAILURE_PENALTY_S = 1.0
+DEFAULT_STALE_S = 3.0  # how long an ORCA report holds when the upstream has no load_metrics
 # Longest Retry-After the gateway suggests for a wait that is not a rate-limit cooldown.
 RETRY_AFTER_CAP_S = 2.0
 _NO_TIER = 1 << 62
@@ -42,6 +45,7 @@ class Upstream:
     __slots__ = (
         "base_url",
         "continues",
+        "engine",
         "ewma",
         "headers",
         "health",
@@ -53,6 +57,8 @@ class Upstream:
         "name",
         "priority",
         "rr_current",
+        "sent_since_report",
+        "stale_s",
         "waiting",
         "weight",
     )
@@ -74,6 +80,10 @@ class Upstream:
         # Attempts sent here still waiting for response headers, with their start times (oldest first).
         self.waiting: dict[object, float] = {}
         self.rr_current = 0.0
+        # The engine's own latest load report, requests sent since it, and how long it holds.
+        self.engine: EngineLoad | None = None
+        self.sent_since_report = 0
+        self.stale_s = cfg.load_metrics.stale_s if cfg.load_metrics is not None else DEFAULT_STALE_S
 
     @property
     def latency_s(self) -> float:
@@ -89,6 +99,12 @@ class Upstream:
         """An attempt was sent here: in flight, and waiting for its headers."""
         self.inflight += 1
         self.waiting[attempt] = now
+        self.sent_since_report += 1
+
+    def load_reported(self, report: EngineLoad) -> None:
+        """The engine reported its load; requests sent before it are in its numbers."""
+        self.engine = report
+        self.sent_since_report = 0
 
     def attempt_ended(self, attempt: object) -> None:
         """An attempt here is over (answered, failed or abandoned)."""
@@ -117,6 +133,7 @@ class Choice(NamedTuple):
     upstream: Upstream
     panic: bool
     wait_s: float = 0.0
+    saturated: bool = False  # engine strategy: every candidate was saturated
 
 
 TransitionListener = Callable[[Upstream, Transition, float], None]
@@ -132,12 +149,16 @@ class Pool:
         on_transition: TransitionListener | None = None,
     ) -> None:
         self.strategy = settings.strategy
+        sat = settings.saturation
+        self.engine_rules = EngineRules(sat.queue, sat.kv, settings.affinity.slack)
         self._default_latency_s = settings.ewma_default_s
         self.upstreams: tuple[Upstream, ...] = tuple(
             Upstream(i, cfg, settings, now) for i, cfg in enumerate(settings.upstreams)
         )
         self.by_name = {u.name: u for u in self.upstreams}
+        self.load_metrics = tuple(cfg.load_metrics for cfg in settings.upstreams)  # polled, if set
         self._on_transition = on_transition
+        self.on_load: Callable[[Upstream], None] | None = None  # told of every load report
 
     def choose(
         self,
@@ -149,6 +170,7 @@ class Pool:
         panic: bool = True,
         last: bool = False,
         refused: Collection[Upstream] = (),
+        key: bytes | None = None,
     ) -> Choice | None:
         """Pick the upstream for the next attempt, or None when nothing can take it.
 
@@ -157,6 +179,7 @@ class Pool:
         `panic`, there is no panic mode. For the `last` attempt an untried upstream of any tier
         wins over trying one again, and upstreams that `refused` this request's connection are
         not tried again while another can serve: the last chance goes where it can succeed.
+        `key` is the request's affinity key, for the engine strategy.
         """
         if tried:
             cands, healthy, wait_s = self._retry_candidates(now, tried, accept, wait_up_to_s, last, refused)
@@ -167,6 +190,10 @@ class Pool:
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
+            if self.strategy is Strategy.ENGINE:
+                rules = self.engine_rules
+                up = pick_engine(cands, key, now, rules, rng)
+                return Choice(up, False, wait_s, all_saturated(cands, now, rules))
             return Choice(pick(self.strategy, cands, rng), False, wait_s)
         if healthy or not panic:
             return None  # all healthy ones are full: shed load rather than panic
@@ -291,6 +318,12 @@ class Pool:
         if outcome is not Outcome.RATE_LIMITED:
             sample = max(latency_s, FAILURE_PENALTY_S) if is_failure(outcome) else latency_s
             up.ewma.observe(sample, now)
+
+    def record_load(self, up: Upstream, report: EngineLoad) -> None:
+        """An engine's own load report (ORCA header or polled metrics)."""
+        up.load_reported(report)
+        if self.on_load is not None:
+            self.on_load(up)
 
     def record_abandoned(self, up: Upstream, elapsed_s: float, now: float) -> None:
         """The client gave up on an attempt after `elapsed_s`: the upstream took at least that."""
