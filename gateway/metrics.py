@@ -8,8 +8,16 @@ custom collector instead of being updated on every request.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -18,6 +26,10 @@ from gateway.policy.load import fresh
 from gateway.policy.outlier import State
 from gateway.policy.upstreams import Pool
 
+# Our own overhead is microseconds to milliseconds; gaps between tokens are milliseconds to seconds.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+GAP_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+FAULTS = ("client", "upstream", "gateway")
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # How a continuation of a cut stream on this upstream went.
@@ -31,10 +43,19 @@ EJECTION_REASONS = {
 }
 
 
+def gateway_version() -> str:
+    """The installed package's version."""
+    try:
+        return version("failover-gateway")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class UpstreamMetrics:
     """Label children of one upstream, bound once."""
 
     __slots__ = (
+        "chunk_gap",
         "checks",
         "continuations",
         "ejections",
@@ -49,6 +70,7 @@ class UpstreamMetrics:
         self.outcomes = {o: m.upstream_requests.labels(name, o.value) for o in Outcome}
         self.ttfb = m.upstream_ttfb.labels(name)
         self.ttft = m.upstream_ttft.labels(name)
+        self.chunk_gap = m.chunk_gap.labels(name)
         self.continuations = {r: m.continuations.labels(name, r) for r in CONTINUATION_RESULTS}
         self.load_reports = {
             (source, result): m.load_reports.labels(name, source, result)
@@ -70,9 +92,50 @@ class GatewayMetrics:
         clock: Callable[[], float],
         requests_in_flight: Callable[[], int],
     ) -> None:
+        # _created series double the series count for nothing a dashboard uses.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        ProcessCollector(registry=registry)  # process_*: RSS, CPU seconds, open fds
+        build = Gauge(
+            "gateway_build_info", "Always 1; the gateway's version.", ["version"], registry=registry
+        )
+        build.labels(gateway_version()).set(1)
         self.requests = Counter(
             "gateway_requests", "Requests answered, by status code.", ["code"], registry=registry
         )
+        self.errors = Counter(
+            "gateway_errors",
+            "Non-2xx answers (status 400 and up) by whose fault: client (a bad request, caller "
+            "limits, a client that left or whose own deadline passed), upstream (what upstreams "
+            "did), gateway (no upstream could be chosen).",
+            ["fault"],
+            registry=registry,
+        )
+        self.error_faults = {f: self.errors.labels(f) for f in FAULTS}
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time each request spent in the gateway itself: its total time minus the time spent "
+            "waiting on upstreams, on the client taking the response, and on deliberate waits "
+            "(retry backoff, Retry-After, the retry budget, saturated engines).",
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.chunk_gap = Histogram(
+            "gateway_stream_chunk_gap_seconds",
+            "Time between content events of a stream, as the gateway receives them (inter-token "
+            "latency; events that arrive together count as 0).",
+            ["upstream"],
+            buckets=GAP_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens reported in the usage of responses (JSON bodies and the final chunk of "
+            "streams), by upstream, model (configured names; empty when not routed by model) and "
+            "kind (prompt, completion).",
+            ["upstream", "model", "kind"],
+            registry=registry,
+        )
+        self._token_children: dict[tuple[str, str, str], Counter] = {}
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "Time from request received to response complete.",
@@ -187,6 +250,17 @@ class GatewayMetrics:
             child = self._codes[status] = self.requests.labels(str(status))
         child.inc()
         self.request_duration.observe(duration_s)
+
+    def count_tokens(self, upstream: str, model: str, prompt: int, completion: int) -> None:
+        """Count the tokens one response reported."""
+        for kind, n in (("prompt", prompt), ("completion", completion)):
+            if n <= 0:
+                continue
+            key = (upstream, model, kind)
+            child = self._token_children.get(key)
+            if child is None:
+                child = self._token_children[key] = self.tokens.labels(upstream, model, kind)
+            child.inc(n)
 
     def count_model_request(self, model: str, caller: str, status: int) -> None:
         """Count one answered request by its (bounded) model and caller labels."""

@@ -20,21 +20,27 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import orjson
+from prometheus_client import Histogram
 
 from gateway.admission import Admission, Admitted, ModelRoute
 from gateway.config import AffinityKey, GatewaySettings, LoadReport, Strategy, StreamCommit
 from gateway.errors import (
     BadRequest,
+    CallerLimited,
     ClientTimeout,
     DeadlineExceeded,
     EnginesSaturated,
     GatewayError,
+    ModelNotAllowed,
+    ModelNotFound,
     NoUpstreamAvailable,
+    Unauthorized,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -102,6 +108,27 @@ class _StreamFailure:
     detail: str
 
 
+class _StreamMeter:
+    """What one relayed stream tells the metrics: gaps between content events, and its usage."""
+
+    __slots__ = ("_ex", "_gap", "_last_content", "arrived")
+
+    def __init__(self, gap: Histogram, ex: _Exchange, now: float) -> None:
+        self._gap = gap
+        self._ex = ex
+        self._last_content = 0.0
+        self.arrived = now  # when the events being passed arrived
+
+    def passed(self, event: Event) -> None:
+        """An event went to the client."""
+        if event.kind is Kind.CONTENT:
+            if self._last_content:
+                self._gap.observe(self.arrived - self._last_content)
+            self._last_content = self.arrived
+        if event.data is not None:
+            self._ex.usage = _usage_of(event.data) or self._ex.usage
+
+
 @dataclass(slots=True)
 class _Body:
     """The request body: bytes that can be replayed, or a stream that can be sent once."""
@@ -125,6 +152,10 @@ class _Exchange:
     admitted: Admitted | None = None  # caller and model, when callers or models are configured
     refused: list[Upstream] = field(default_factory=list)  # upstreams that refused to connect
     key: bytes | None = None  # affinity key (engine strategy)
+    waited: float = 0.0  # seconds spent waiting on upstreams, the client, or on purpose (backoff)
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens the response reported
+    ttft: float | None = None  # seconds to the first content event (or headers, not a stream)
+    fault: str | None = None  # whose fault a non-2xx answer is: client, upstream or gateway
 
     @property
     def upstream(self) -> Upstream | None:
@@ -290,14 +321,23 @@ class Proxy:
             status = await self._serve(request, fields, responder, ex)
         except GatewayError as err:
             status = err.status
+            ex.fault = _fault_of(err, ex)
             self._send_error(responder, err, ex)
         except (asyncio.CancelledError, ConnectionResetError):
+            ex.fault = "client"
             self._metrics.client_disconnects.inc()
             raise
         finally:
             self._retry_gate.request_finished()
             duration = self._clock() - ex.started
-            self._metrics.count_request(status, duration)
+            metrics = self._metrics
+            metrics.count_request(status, duration)
+            metrics.overhead.observe(max(0.0, duration - ex.waited))
+            if status >= 400:
+                ex.fault = ex.fault or _fault_of_status(status)
+                metrics.error_faults[ex.fault].inc()
+            if ex.usage is not None and ex.upstream is not None:
+                self._count_usage(ex)
             if ex.admitted is not None:
                 self._count_admitted(ex.admitted, status)
             if self._access_log:
@@ -356,6 +396,13 @@ class Proxy:
             return await self._attempts(request, fields, responder, ex, body, deadline)
         finally:
             caller.inflight -= 1
+
+    def _count_usage(self, ex: _Exchange) -> None:
+        assert ex.usage is not None and ex.upstream is not None
+        route = None if ex.admitted is None else ex.admitted.route
+        models = self._admission.models
+        model = "" if route is None or models is None else models.label(route.model)
+        self._metrics.count_tokens(ex.upstream.name, model, *ex.usage)
 
     def _count_admitted(self, admitted: Admitted, status: int) -> None:
         route = admitted.route
@@ -446,6 +493,7 @@ class Proxy:
                 delay = max(wait_s, backoff_s(ex.attempts - 1, same_upstream, self._rng))
                 if delay:
                     await asyncio.sleep(delay)
+                    ex.waited += delay
             attempt.sent_at = self._clock()
             attempt.response = await self._send(attempt, request, block, body, ex, deadline, hold_stream)
             if not attempt.held:
@@ -536,7 +584,9 @@ class Proxy:
         """
         now = self._clock()
         wait_s = self._budget_wait_s if deadline is None else min(self._budget_wait_s, deadline - now)
-        if not await self._retry_gate.acquire(wait_s):
+        admitted = await self._retry_gate.acquire(wait_s)
+        ex.waited += self._clock() - now
+        if not admitted:
             self._metrics.retries_skipped.labels(GiveUpReason.BUDGET_EXHAUSTED).inc()
             return None
         # Choose only after any wait for the budget, so the pick reflects the pool as it is now.
@@ -651,8 +701,10 @@ class Proxy:
             until = min(until, deadline)
         waits = self._metrics.saturation_waits
         while ticket is not None and (left := until - self._clock()) > 0:
+            before = self._clock()
             await self._saturation.wait(ticket, left)
             now = self._clock()
+            ex.waited += now - before
             if route is None:
                 choice = self._pool.choose(now, self._rng, key=ex.key)
             else:
@@ -715,6 +767,7 @@ class Proxy:
             if exc.resent and not idempotent:
                 ex.attempts += 1
             now = self._clock()
+            ex.waited += now - started
             outcome = _outcome_of(exc)
             if outcome is Outcome.CONNECT_ERROR:
                 ex.refused.append(up)  # down for this request: a retry in its tier goes elsewhere
@@ -738,6 +791,7 @@ class Proxy:
             ex.attempts += 1
         now = self._clock()
         ttfb = now - started
+        ex.waited += ttfb
         um.ttfb.observe(ttfb)
         status = resp.status
         attempt.forwarded = out = client_response_fields(resp.fields)
@@ -753,6 +807,7 @@ class Proxy:
         um.outcomes[outcome].inc()
         if not is_stream:
             um.ttft.observe(ttfb)  # the whole generation, for a response that is not a stream
+            ex.ttft = ttfb
         if self._orca[up.index]:
             self._read_orca(up, resp, now)
         return resp
@@ -799,6 +854,7 @@ class Proxy:
         scanner = EventScanner()
         events: list[Event] = []
         outcome = Outcome.TIMEOUT
+        held_from = self._clock()
         try:
             async with asyncio.timeout(max(0.0, first_by - self._clock())) as scope:
                 detail = await self._scan_to_output(resp, scanner, events)
@@ -818,9 +874,10 @@ class Proxy:
             self._metrics.per_upstream[up.name].outcomes[Outcome.ABANDONED].inc()
             raise
         now = self._clock()
+        ex.waited += now - held_from
         um = self._metrics.per_upstream[up.name]
         if detail is None:
-            ttft = now - attempt.sent_at
+            ttft = ex.ttft = now - attempt.sent_at
             attempt.headers_in()
             self._pool.record(up, Outcome.SUCCESS, now, ttft)
             um.outcomes[Outcome.SUCCESS].inc()
@@ -891,33 +948,48 @@ class Proxy:
             ):
                 await self._relay_events(request, fields, responder, resp, up, ex, body, start)
                 return resp.status
-            data = resp.take_buffered()
-            if resp.complete:
-                await responder.write(data)
-                responder.end()
-                return resp.status
-            if data:
-                await responder.write(data)
-            else:
-                responder.flush()  # headers now: the first body bytes may take a while
-            while True:
-                try:
-                    chunk = await resp.read()
-                except UpstreamError as exc:
-                    failure = _mid_body_failure(exc)
-                    self._stream_failed(up, failure)
-                    # Closing without the final chunk (or short of Content-Length) tells the client
-                    # the body is truncated; a clean end would pass a partial body off as complete.
-                    responder.abort()
-                    return resp.status
-                if not chunk:
-                    break
-                await responder.write(chunk)
-            responder.end()
+            await self._relay_body(responder, resp, up, ex, out)
         except ConnectionResetError:
             # The client went away; closing the upstream response (by the caller) stops the generation.
             self._metrics.client_disconnects.inc()
         return resp.status
+
+    async def _relay_body(
+        self, responder: Responder, resp: UpstreamResponse, up: Upstream, ex: _Exchange, out: ResponseFields
+    ) -> None:
+        """Relay a body that is not an event stream, chunk by chunk; note the usage of a JSON one."""
+        data = resp.take_buffered()
+        want_usage = resp.status < 300 and _is_json(out)
+        if resp.complete:
+            await self._write(responder, data, ex)
+            responder.end()
+            if want_usage:
+                ex.usage = _usage_in_tail(data)
+            return
+        if data:
+            await self._write(responder, data, ex)
+        else:
+            responder.flush()  # headers now: the first body bytes may take a while
+        tail = data[-_TAIL_BYTES:]
+        while True:
+            try:
+                t0 = self._clock()
+                chunk = await resp.read()
+                ex.waited += self._clock() - t0
+            except UpstreamError as exc:
+                self._stream_failed(up, _mid_body_failure(exc))
+                # Closing without the final chunk (or short of Content-Length) tells the client
+                # the body is truncated; a clean end would pass a partial body off as complete.
+                responder.abort()
+                return
+            if not chunk:
+                break
+            await self._write(responder, chunk, ex)
+            if want_usage:
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+        responder.end()
+        if want_usage:
+            ex.usage = _usage_in_tail(tail)
 
     async def _relay_events(
         self,
@@ -939,7 +1011,7 @@ class Proxy:
                 responder.flush()  # headers now: the first event may take a while
         else:
             scanner, events = start.scanner, start.events
-        failure = await self._pump(responder, resp, scanner, events, transcript, None)
+        failure = await self._pump(responder, resp, scanner, events, transcript, None, ex, up)
         while failure is not None:
             self._stream_failed(up, failure)
             continued = await self._continue(request, fields, responder, ex, body, transcript)
@@ -959,6 +1031,8 @@ class Proxy:
         events: list[Event],
         transcript: Transcript,
         produced_before: int | None,
+        ex: _Exchange,
+        up: Upstream,
     ) -> _StreamFailure | None:
         """Pass whole events to the client until the stream ends (None) or fails.
 
@@ -966,6 +1040,7 @@ class Proxy:
         Only whole, well-formed events are passed on; an answer that stops before it finished
         is a failure, never a clean end.
         """
+        meter = _StreamMeter(self._metrics.per_upstream[up.name].chunk_gap, ex, self._clock())
         while True:
             out: list[bytes] = []
             failure: _StreamFailure | None = None
@@ -978,12 +1053,16 @@ class Proxy:
                 if raw is not None:
                     out.append(raw)
                     transcript.add(event)
+                    meter.passed(event)
             if out:
-                await responder.write(out[0] if len(out) == 1 else b"".join(out))
+                await self._write(responder, out[0] if len(out) == 1 else b"".join(out), ex)
             if failure is not None:
                 return None if transcript.complete else failure
             try:
+                t0 = self._clock()
                 chunk = await resp.read()
+                meter.arrived = self._clock()
+                ex.waited += meter.arrived - t0
             except UpstreamError as exc:
                 return None if transcript.complete else _mid_body_failure(exc)
             if not chunk:
@@ -1055,10 +1134,16 @@ class Proxy:
                 results["continued"].inc()
                 log.info("continuing a cut stream on upstream %s", up.name)
                 failure = await self._pump(
-                    responder, resp, start.scanner, start.events, transcript, transcript.chunks
+                    responder, resp, start.scanner, start.events, transcript, transcript.chunks, ex, up
                 )
                 return up, failure
         return None
+
+    async def _write(self, responder: Responder, data: bytes, ex: _Exchange) -> None:
+        """Write to the client; time it spends not taking the bytes is not the gateway's."""
+        t0 = self._clock()
+        await responder.write(data)
+        ex.waited += self._clock() - t0
 
     def _stream_failed(self, up: Upstream, failure: _StreamFailure) -> None:
         """Record a failure after the commit point."""
@@ -1165,6 +1250,11 @@ class Proxy:
                     "caller": caller,
                     "attempts": ex.attempts,
                     "duration_s": round(duration, 6),
+                    "ttft_s": None if ex.ttft is None else round(ex.ttft, 6),
+                    "overhead_s": round(max(0.0, duration - ex.waited), 6),
+                    "prompt_tokens": None if ex.usage is None else ex.usage[0],
+                    "completion_tokens": None if ex.usage is None else ex.usage[1],
+                    "fault": ex.fault if status >= 400 else None,
                 }
             ).decode()
         )
@@ -1173,6 +1263,57 @@ class Proxy:
 def _is_event_stream(out: ResponseFields) -> bool:
     value = out.content_type
     return value is not None and value[: len(_SSE)].lower() == _SSE
+
+
+_TAIL_BYTES = 4096  # OpenAI-style bodies end with their usage
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_CLIENT_ERRORS = (BadRequest, ClientTimeout, Unauthorized, ModelNotAllowed, CallerLimited, ModelNotFound)
+
+
+def _is_json(out: ResponseFields) -> bool:
+    value = out.content_type
+    return value is not None and b"json" in value.lower()
+
+
+def _usage_in_tail(tail: bytes) -> tuple[int, int] | None:
+    """The usage at the end of a JSON body, found without parsing the whole body."""
+    if b"_tokens" not in tail:
+        return None
+    prompt = _PROMPT_TOKENS.findall(tail)
+    completion = _COMPLETION_TOKENS.findall(tail)
+    if not prompt and not completion:
+        return None
+    return (int(prompt[-1]) if prompt else 0, int(completion[-1]) if completion else 0)
+
+
+def _usage_of(data: object) -> tuple[int, int] | None:
+    """The usage of a stream chunk, if it carries one."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if type(prompt) is int else 0, completion if type(completion) is int else 0)
+
+
+def _fault_of(err: GatewayError, ex: _Exchange) -> str:
+    """Whose fault an error the gateway answers itself is."""
+    if isinstance(err, _CLIENT_ERRORS):
+        return "client"
+    if isinstance(err, DeadlineExceeded):
+        return "client" if ex.client_deadline else "upstream"
+    if isinstance(err, NoUpstreamAvailable):
+        return "gateway"
+    return "upstream"
+
+
+def _fault_of_status(status: int) -> str:
+    """Whose fault a relayed upstream answer is: a 4xx (but 429) is the request's."""
+    if status == 499 or (400 <= status < 500 and status != 429):
+        return "client"
+    return "upstream"
 
 
 def _larger_context_than(failed: Upstream) -> Callable[[Upstream], bool]:

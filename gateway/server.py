@@ -66,6 +66,13 @@ def configure_logging(level: str, *, worker: int | None = None) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Access lines are pure JSON, one per line, for log shippers: no time/level/logger prefix.
+    access = logging.getLogger("gateway.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
 
 
 async def serve(

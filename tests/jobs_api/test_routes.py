@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -663,6 +664,9 @@ async def test_health_readiness_and_metrics(start_jobs: StartJobs, store_path: P
     assert 'jobs_submitted_total{type="inference"} 1.0' in text
     assert "jobs_queued 1.0" in text
     assert jobs.sample("jobs_submitted_total", {"type": "inference"}) == 1
+    assert re.search(r'^jobs_build_info\{version="[^"]+"\} 1\.0$', text, re.M)
+    assert "process_resident_memory_bytes" in text
+    assert "_created" not in text
 
     await store.close()  # the store goes away: not ready, but still alive
     resp = await jobs.client.get("/readyz")
