@@ -324,6 +324,14 @@ class AffinitySettings(_Frozen):
         return check_header_name(value)
 
 
+class UsageSettings(_Frozen):
+    """Token usage of streams."""
+
+    # Ask streaming chat requests for usage (stream_options.include_usage) when the client did
+    # not, so their tokens are counted; the extra usage chunk is not passed to such a client.
+    include_usage_injection: bool = False
+
+
 class RetrySettings(_Frozen):
     """When and how often a failed attempt is tried again on another upstream."""
 
@@ -456,6 +464,7 @@ class GatewaySettings(BaseSettings):
     timeouts: TimeoutSettings = TimeoutSettings()
     stream: StreamSettings = StreamSettings()
     saturation: SaturationSettings = SaturationSettings()
+    usage: UsageSettings = UsageSettings()
     affinity: AffinitySettings = AffinitySettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()

@@ -156,6 +156,7 @@ class _Exchange:
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens the response reported
     ttft: float | None = None  # seconds to the first content event (or headers, not a stream)
     fault: str | None = None  # whose fault a non-2xx answer is: client, upstream or gateway
+    injected_usage: bool = False  # the gateway asked for usage the client did not: strip it
 
     @property
     def upstream(self) -> Upstream | None:
@@ -287,6 +288,7 @@ class Proxy:
         self._hold_streams = settings.stream.commit is StreamCommit.FIRST_EVENT
         self._max_held_bytes = settings.stream.max_held_bytes
         self._can_continue = any(up.continues for up in pool.upstreams)
+        self._inject_usage = settings.usage.include_usage_injection
         self._deadline_s = t.deadline_s
         self._deadline_header = t.deadline_header
         self._deadline_key = t.deadline_header.lower().encode()
@@ -361,6 +363,8 @@ class Proxy:
         body = _Body(None, True)
         try:
             await self._read_body(request, fields, body)
+            if self._inject_usage and request.method == b"POST":
+                self._ask_for_usage(request, body, ex)
             admitted = ex.admitted
             if admitted is None:
                 return await self._attempts(request, fields, responder, ex, body, deadline)
@@ -396,6 +400,24 @@ class Proxy:
             return await self._attempts(request, fields, responder, ex, body, deadline)
         finally:
             caller.inflight -= 1
+
+    @staticmethod
+    def _ask_for_usage(request: Request, body: _Body, ex: _Exchange) -> None:
+        """Add stream_options.include_usage to a streaming chat request that lacks it."""
+        data = body.data
+        if not isinstance(data, (bytes, bytearray)) or not request.path.endswith("/chat/completions"):
+            return
+        found = read_model(data)
+        if found is None or found.parsed.get("stream") is not True:
+            return
+        options = found.parsed.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict) or options.get("include_usage") is not None:
+            return  # the client chose (or sent something we should not touch)
+        found.parsed["stream_options"] = {**options, "include_usage": True}
+        body.data = orjson.dumps(found.parsed)
+        ex.injected_usage = True
 
     def _count_usage(self, ex: _Exchange) -> None:
         assert ex.usage is not None and ex.upstream is not None
@@ -1051,9 +1073,10 @@ class Proxy:
                     break
                 raw = event.raw if produced_before is None else splice(event, transcript, produced_before)
                 if raw is not None:
-                    out.append(raw)
                     transcript.add(event)
                     meter.passed(event)
+                    if not (ex.injected_usage and _usage_only(event)):
+                        out.append(raw)
             if out:
                 await self._write(responder, out[0] if len(out) == 1 else b"".join(out), ex)
             if failure is not None:
@@ -1285,6 +1308,12 @@ def _usage_in_tail(tail: bytes) -> tuple[int, int] | None:
     if not prompt and not completion:
         return None
     return (int(prompt[-1]) if prompt else 0, int(completion[-1]) if completion else 0)
+
+
+def _usage_only(event: Event) -> bool:
+    """A chunk that carries usage and no choice (OpenAI's extra final chunk)."""
+    data = event.data
+    return isinstance(data, dict) and "usage" in data and not data.get("choices")
 
 
 def _usage_of(data: object) -> tuple[int, int] | None:

@@ -398,16 +398,18 @@ async def _answer_completion(
                 _sse({**base, "choices": [{"index": 0, "text": t, "finish_reason": None}]}) for t in tokens
             ]
             last = {"index": 0, "text": "", "finish_reason": "stop"}
-        final: dict[str, Any] = {**base, "choices": [last]}
+        final = _sse({**base, "choices": [last]})
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
+            # As OpenAI and vLLM do: one more chunk, with no choices, carrying the usage.
             prompt_tokens = max(1, len(body) // 4)
-            final["usage"] = {
+            usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens),
                 "total_tokens": prompt_tokens + len(tokens),
             }
-        return await _send_stream(request, behaviour, role, chunks, _sse(final), faults)
+            final += _sse({**base, "choices": [], "usage": usage})
+        return await _send_stream(request, behaviour, role, chunks, final, faults)
     text = "".join(tokens)
     if chat:
         base["object"] = "chat.completion"

@@ -118,3 +118,21 @@ async def test_the_access_log_is_pure_json_lines_with_ttft_tokens_and_fault(spaw
     assert ok["completion_tokens"] == 5 and ok["prompt_tokens"] > 0
     assert ok["ttft_s"] > 0 and ok["overhead_s"] >= 0
     assert missing["fault"] == "client"
+
+
+async def test_usage_injection_counts_tokens_and_keeps_the_clients_stream_as_asked(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    a = await start_mock("a", stream_chunks=4)
+    gw = await start_gateway(a.spec, usage={"include_usage_injection": True})
+    body = {**CHAT, "stream": True}
+    async with gw.client.post("/v1/chat/completions", json=body) as r:
+        raw = await r.read()
+    sent = orjson.loads(a.stats.last_body or b"{}")
+    assert sent["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in raw  # the client did not ask for it
+    assert raw.rstrip().endswith(b"data: [DONE]")
+    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "", "kind": "completion"}) == 4
+    asked = {**body, "stream_options": {"include_usage": True}}
+    async with gw.client.post("/v1/chat/completions", json=asked) as r:
+        assert b'"usage"' in await r.read()  # asked for: passed on
