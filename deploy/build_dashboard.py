@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).resolve().parent.parent / "helm" / "failover-gateway" / "files" / "dashboard.json"
-UP = 'upstream=~"$upstream"'
+# Every gateway query is filtered by the namespace, pod and upstream variables, so a sidecar per
+# app pod can be told apart; "All" matches series without the label too.
+SCOPE = 'namespace=~"$namespace",pod=~"$pod"'
+UP = f'{SCOPE},upstream=~"$upstream"'
 RI = "$__rate_interval"
 
 # (title, unit, [(legend, expr)], width)
@@ -47,8 +50,91 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             (
                 "Client responses by status code",
                 "reqps",
-                [("{{code}}", f"sum by (code) (rate(gateway_requests_total[{RI}]))")],
+                [("{{code}}", f"sum by (code) (rate(gateway_requests_total{{{SCOPE}}}[{RI}]))")],
                 8,
+            ),
+        ],
+    ),
+    (
+        "Inference",
+        [
+            (
+                "Time to first token p95 by upstream",
+                "s",
+                [
+                    (
+                        "{{upstream}}",
+                        "histogram_quantile(0.95, sum by (le, upstream) "
+                        f"(rate(gateway_upstream_ttft_seconds_bucket{{{UP}}}[{RI}])))",
+                    )
+                ],
+                8,
+            ),
+            (
+                "Time to first token p95 by model",
+                "s",
+                [
+                    (
+                        "{{model}}",
+                        "histogram_quantile(0.95, sum by (le, model) "
+                        f"(rate(gateway_model_ttft_seconds_bucket{{{SCOPE}}}[{RI}])))",
+                    )
+                ],
+                8,
+            ),
+            (
+                "Gap between tokens p50 / p95 (streams)",
+                "s",
+                [
+                    (
+                        f"p{q} {{{{upstream}}}}",
+                        f"histogram_quantile(0.{q}, sum by (le, upstream) "
+                        f"(rate(gateway_stream_chunk_gap_seconds_bucket{{{UP}}}[{RI}])))",
+                    )
+                    for q in ("50", "95")
+                ],
+                8,
+            ),
+            (
+                "Tokens in the last hour by caller and model",
+                "short",
+                [
+                    (
+                        "{{caller}} {{model}} {{kind}}",
+                        f"sum by (caller, model, kind) (increase(gateway_tokens_total{{{UP}}}[1h]))",
+                    )
+                ],
+                8,
+            ),
+            (
+                "Tokens per second by upstream",
+                "short",
+                [
+                    (
+                        "{{upstream}} {{kind}}",
+                        f"sum by (upstream, kind) (rate(gateway_tokens_total{{{UP}}}[{RI}]))",
+                    )
+                ],
+                8,
+            ),
+            (
+                "Gateway's own time per request p50 / p99 (is it us?)",
+                "s",
+                [
+                    (
+                        f"p{q}",
+                        f"histogram_quantile(0.{q}, sum by (le) "
+                        f"(rate(gateway_overhead_seconds_bucket{{{SCOPE}}}[{RI}])))",
+                    )
+                    for q in ("50", "99")
+                ],
+                8,
+            ),
+            (
+                "Errors by whose fault (client, upstream, gateway)",
+                "reqps",
+                [("{{fault}}", f"sum by (fault) (rate(gateway_errors_total{{{SCOPE}}}[{RI}]))")],
+                24,
             ),
         ],
     ),
@@ -62,7 +148,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
                     (
                         f"p{q}",
                         f"histogram_quantile(0.{q}, sum by (le) "
-                        f"(rate(gateway_request_duration_seconds_bucket[{RI}])))",
+                        f"(rate(gateway_request_duration_seconds_bucket{{{SCOPE}}}[{RI}])))",
                     )
                     for q in ("50", "95", "99")
                 ],
@@ -88,13 +174,13 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
             (
                 "Retries by cause",
                 "reqps",
-                [("{{reason}}", f"sum by (reason) (rate(gateway_retries_total[{RI}]))")],
+                [("{{reason}}", f"sum by (reason) (rate(gateway_retries_total{{{SCOPE}}}[{RI}]))")],
                 8,
             ),
             (
                 "Retries skipped (budget, body, deadline)",
                 "reqps",
-                [("{{reason}}", f"sum by (reason) (rate(gateway_retries_skipped_total[{RI}]))")],
+                [("{{reason}}", f"sum by (reason) (rate(gateway_retries_skipped_total{{{SCOPE}}}[{RI}]))")],
                 8,
             ),
             (
@@ -106,7 +192,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
                         f"sum by (upstream, outcome) (rate(gateway_upstream_requests_total"
                         f'{{{UP},outcome!="success"}}[{RI}]))',
                     ),
-                    ("panic selections", f"sum(rate(gateway_panic_selections_total[{RI}]))"),
+                    ("panic selections", f"sum(rate(gateway_panic_selections_total{{{SCOPE}}}[{RI}]))"),
                 ],
                 8,
             ),
@@ -120,7 +206,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
                 "short",
                 [
                     ("{{upstream}}", f"max by (upstream) (gateway_upstream_healthy{{{UP}}})"),
-                    ("routable upstreams", "min(gateway_routable_upstreams)"),
+                    ("routable upstreams", f"min(gateway_routable_upstreams{{{SCOPE}}})"),
                 ],
                 8,
             ),
@@ -152,7 +238,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
                 "short",
                 [
                     ("{{upstream}}", f"sum by (upstream) (gateway_upstream_inflight{{{UP}}})"),
-                    ("all requests", "sum(gateway_requests_in_flight)"),
+                    ("all requests", f"sum(gateway_requests_in_flight{{{SCOPE}}})"),
                 ],
                 12,
             ),
@@ -204,6 +290,22 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], int]]]] = [
         ],
     ),
 ]
+
+
+def _variable(name: str, label: str, query: str, ds: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": ds,
+        "query": {"query": query, "refId": name},
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "hide": 0,
+    }
 
 
 def build() -> dict[str, Any]:
@@ -270,22 +372,16 @@ def build() -> dict[str, Any]:
                     "hide": 0,
                     "current": {"text": "default", "value": "default"},
                 },
-                {
-                    "name": "upstream",
-                    "label": "Upstream",
-                    "type": "query",
-                    "datasource": ds,
-                    "query": {
-                        "query": "label_values(gateway_upstream_healthy, upstream)",
-                        "refId": "upstream",
-                    },
-                    "refresh": 2,
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "current": {"text": "All", "value": "$__all"},
-                    "hide": 0,
-                },
+                _variable("namespace", "Namespace", "label_values(gateway_build_info, namespace)", ds),
+                _variable(
+                    "pod", "Pod", 'label_values(gateway_build_info{namespace=~"$namespace"}, pod)', ds
+                ),
+                _variable(
+                    "upstream",
+                    "Upstream",
+                    f"label_values(gateway_upstream_healthy{{{SCOPE}}}, upstream)",
+                    ds,
+                ),
             ]
         },
         "panels": panels,

@@ -130,12 +130,12 @@ class GatewayMetrics:
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens reported in the usage of responses (JSON bodies and the final chunk of "
-            "streams), by upstream, model (configured names; empty when not routed by model) and "
-            "kind (prompt, completion).",
-            ["upstream", "model", "kind"],
+            "streams), by upstream, model (configured names; empty when not routed by model), "
+            "caller (configured callers; empty without callers) and kind (prompt, completion).",
+            ["upstream", "model", "caller", "kind"],
             registry=registry,
         )
-        self._token_children: dict[tuple[str, str, str], Counter] = {}
+        self._token_children: dict[tuple[str, str, str, str], Counter] = {}
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "Time from request received to response complete.",
@@ -164,6 +164,15 @@ class GatewayMetrics:
             buckets=TTFB_BUCKETS,
             registry=registry,
         )
+        self.model_ttft = Histogram(
+            "gateway_model_ttft_seconds",
+            "Time to first token as gateway_upstream_ttft_seconds, by model (configured names and "
+            "aliases, 'other' for the rest); only for requests routed by model.",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self._model_ttft: dict[str, Histogram] = {}
         self.continuations = Counter(
             "gateway_stream_continuations",
             "Cut streams sent to this upstream to be finished, by result (continued: it answered; "
@@ -251,16 +260,23 @@ class GatewayMetrics:
         child.inc()
         self.request_duration.observe(duration_s)
 
-    def count_tokens(self, upstream: str, model: str, prompt: int, completion: int) -> None:
+    def count_tokens(self, upstream: str, model: str, caller: str, prompt: int, completion: int) -> None:
         """Count the tokens one response reported."""
         for kind, n in (("prompt", prompt), ("completion", completion)):
             if n <= 0:
                 continue
-            key = (upstream, model, kind)
+            key = (upstream, model, caller, kind)
             child = self._token_children.get(key)
             if child is None:
-                child = self._token_children[key] = self.tokens.labels(upstream, model, kind)
+                child = self._token_children[key] = self.tokens.labels(upstream, model, caller, kind)
             child.inc(n)
+
+    def observe_model_ttft(self, model: str, seconds: float) -> None:
+        """One TTFT sample of a request routed by model."""
+        child = self._model_ttft.get(model)
+        if child is None:
+            child = self._model_ttft[model] = self.model_ttft.labels(model)
+        child.observe(seconds)
 
     def count_model_request(self, model: str, caller: str, status: int) -> None:
         """Count one answered request by its (bounded) model and caller labels."""

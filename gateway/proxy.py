@@ -341,7 +341,7 @@ class Proxy:
             if ex.usage is not None and ex.upstream is not None:
                 self._count_usage(ex)
             if ex.admitted is not None:
-                self._count_admitted(ex.admitted, status)
+                self._count_admitted(ex.admitted, status, ex.ttft)
             if self._access_log:
                 self._log_access(request, ex, status, duration)
 
@@ -421,15 +421,19 @@ class Proxy:
 
     def _count_usage(self, ex: _Exchange) -> None:
         assert ex.usage is not None and ex.upstream is not None
-        route = None if ex.admitted is None else ex.admitted.route
+        admitted = ex.admitted
+        route = None if admitted is None else admitted.route
         models = self._admission.models
         model = "" if route is None or models is None else models.label(route.model)
-        self._metrics.count_tokens(ex.upstream.name, model, *ex.usage)
+        caller = "" if admitted is None or admitted.caller is None else admitted.caller.name
+        self._metrics.count_tokens(ex.upstream.name, model, caller, *ex.usage)
 
-    def _count_admitted(self, admitted: Admitted, status: int) -> None:
+    def _count_admitted(self, admitted: Admitted, status: int, ttft: float | None) -> None:
         route = admitted.route
         models = self._admission.models
         model = "" if route is None or models is None else models.label(route.model)
+        if ttft is not None and model:
+            self._metrics.observe_model_ttft(model, ttft)
         caller = "" if admitted.caller is None else admitted.caller.name
         self._metrics.count_model_request(model, caller, status)
 

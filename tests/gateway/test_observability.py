@@ -36,7 +36,7 @@ async def test_tokens_are_counted_from_json_bodies_and_from_the_final_stream_chu
     gw = await start_gateway(a.spec)
     async with gw.client.post("/v1/chat/completions", json=CHAT) as r:
         usage = (await r.json())["usage"]
-    labels = {"upstream": "a", "model": ""}
+    labels = {"upstream": "a", "model": "", "caller": ""}
     assert gw.sample("gateway_tokens_total", {**labels, "kind": "completion"}) == 5
     assert gw.sample("gateway_tokens_total", {**labels, "kind": "prompt"}) == usage["prompt_tokens"]
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
@@ -52,7 +52,7 @@ async def test_tokens_carry_the_configured_model_label(
     gw = await start_gateway({"name": "a", "url": a.url, "models": ["llama"]})
     async with gw.client.post("/v1/chat/completions", json={**CHAT, "model": "llama"}) as r:
         assert r.status == 200
-    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "llama", "kind": "completion"}) == 3
+    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "llama", "caller": "", "kind": "completion"}) == 3
 
 
 async def test_overhead_excludes_the_time_waiting_on_the_upstream(
@@ -132,7 +132,7 @@ async def test_usage_injection_counts_tokens_and_keeps_the_clients_stream_as_ask
     assert sent["stream_options"] == {"include_usage": True}
     assert b'"usage"' not in raw  # the client did not ask for it
     assert raw.rstrip().endswith(b"data: [DONE]")
-    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "", "kind": "completion"}) == 4
+    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "", "caller": "", "kind": "completion"}) == 4
     asked = {**body, "stream_options": {"include_usage": True}}
     async with gw.client.post("/v1/chat/completions", json=asked) as r:
         assert b'"usage"' in await r.read()  # asked for: passed on
