@@ -17,6 +17,7 @@ from bench import report
 from bench.failover import run_failover_phase
 from bench.fanout import RAMP_S, run_fanout_phase
 from bench.machine import machine, versions
+from bench.models import models_medians, run_models_phase
 from bench.options import Options, parse_args
 from bench.procs import Pinning, Procs, raise_nofile_limit
 from bench.systems import HAPROXY, HAPROXY_DELAY, NOTES, PROXIES, Launcher, available
@@ -66,7 +67,8 @@ def _notes(opts: Options, pinning: Pinning, missing: list[str], nofile: int | No
 def _config_samples(tmp: Path) -> dict[str, str]:
     """One generated file of each kind (they live in a temp dir that is about to go)."""
     samples: dict[str, str] = {}
-    for pattern in ("upstream-nginx-wrk.conf", "nginx-wrk.conf", "haproxy-wrk.cfg", "wrk-post50.lua"):
+    kinds = ("upstream-nginx-wrk.conf", "nginx-wrk.conf", "haproxy-wrk.cfg", "wrk-post50.lua")
+    for pattern in (*kinds, "gateway-models-callers.yaml"):
         path = tmp / pattern
         if path.exists():
             samples[pattern] = path.read_text()
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             n: NOTES[n] for n in NOTES if n in names or (n == HAPROXY_DELAY and HAPROXY in names)
         },
         "wrk_runs": [],
+        "models_runs": [],
         "sse_runs": [],
         "fanout_runs": [],
         "failover_runs": [],
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if "wrk" in opts.phases:
                 data["wrk_runs"] = run_wrk_phase(launcher, opts, names, _say)
+            if "models" in opts.phases:
+                data["models_runs"] = run_models_phase(launcher, opts, _say)
             if "sse" in opts.phases:
                 data["sse_runs"] = run_sse_phase(launcher, opts, names, _say)
             if "fanout" in opts.phases:
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     data["elapsed_s"] = time.monotonic() - t0
     data["wrk_medians"] = report.wrk_medians(data["wrk_runs"])
     data["sse_medians"] = report.sse_medians(data["sse_runs"])
+    data["models_medians"] = models_medians(data["models_runs"])
     data["fanout_medians"] = report.fanout_medians(data["fanout_runs"])
     data["fanout_added"] = report.fanout_added(data["fanout_medians"])
     data["idle_rss_medians"] = report.idle_rss_medians(data["idle_rss_runs"])

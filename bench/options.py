@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.systems import ALL_SYSTEMS
 
-PHASES = ("wrk", "sse", "fanout", "failover")
+PHASES = ("wrk", "models", "sse", "fanout", "failover")
 SCENARIOS = ("kill9", "503", "429", "hang")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

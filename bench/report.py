@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.models import render_models
 from bench.systems import DIRECT, GATEWAY, NGINX, PLAIN
 from bench.wrk import WORKLOADS
 
@@ -419,6 +420,8 @@ def render(data: dict[str, Any]) -> str:
         "| comparison | value |\n|---|---|\n" + "".join(f"| {k} | {val} |\n" for k, val in data["ratios"]),
         "\n## wrk workloads in detail\n",
         _wrk_detail(data),
+        "\n## Cost of models and callers (gateway CPU per request, both configs side by side)\n\n",
+        render_models(data.get("models_medians", [])),
         "\n## SSE: 50 events 20 ms apart (one mock-inference upstream for all), sequential streams\n\n",
         _sse(data),
         "\n## Fan-out: concurrent SSE streams through one process\n\n",

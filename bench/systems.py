@@ -136,11 +136,21 @@ class Launcher:
         self.idle_rss.append({"system": name, "tag": tag, "idle_rss_mib": idle})
         return System(name, url, started, idle)
 
-    def _gateway(self, label: str, port: int, upstreams: Sequence[str]) -> Started:
+    def gateway_with_config(self, label: str, config: Path) -> System:
+        """The gateway CLI with a YAML config file (upstreams in it), as `system` starts it otherwise."""
+        port = self.procs.free_port()
+        started = self._gateway(label, port, [], config)
+        return System(label, f"http://127.0.0.1:{port}", started)
+
+    def _gateway(
+        self, label: str, port: int, upstreams: Sequence[str], config: Path | None = None
+    ) -> Started:
         admin_port = self.procs.free_port()
         argv = [*self.pinning.proxy(), str(VENV_BIN / "gateway"), "--port", str(port)]
         argv += ["--admin-port", str(admin_port), "--health-interval", "1"]
         argv += [arg for i, u in enumerate(upstreams) for arg in ("--upstream", f"u{i}={u}")]
+        if config is not None:
+            argv += ["--config", str(config)]
         started = self.procs.start(label, argv, env=_clean_env())
         wait_http_ok(f"http://127.0.0.1:{admin_port}/readyz", started)
         return started

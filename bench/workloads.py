@@ -46,7 +46,7 @@ def run_wrk_phase(
         for rep in range(opts.reps):
             for workload in WORKLOADS:
                 for system in systems:
-                    row = _measured_wrk(launcher, opts, workload, system)
+                    row = measured_wrk(launcher, opts, workload, system)
                     row["rep"] = rep
                     rows.append(row)
                     say(
@@ -62,7 +62,7 @@ def run_wrk_phase(
     return rows
 
 
-def _measured_wrk(launcher: Launcher, opts: Options, workload: Workload, system: System) -> Row:
+def measured_wrk(launcher: Launcher, opts: Options, workload: Workload, system: System) -> Row:
     """One wrk run, with the proxy's CPU time and peak RSS and the hypervisor's steal around it."""
     pid = system.process.pid if system.process else None
     cpu_before = cpu_seconds(pid) if pid else 0.0

@@ -45,12 +45,14 @@ class Workload:
     path: str
     connections: int
     body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
 
     def script(self) -> str:
         lines = [f'wrk.method = "{self.method}"']
         if self.body:
             lines.append(f"wrk.body = [[{self.body.decode()}]]")
             lines.append('wrk.headers["Content-Type"] = "application/json"')
+        lines.extend(f'wrk.headers["{name}"] = "{value}"' for name, value in self.headers)
         return "\n".join(lines) + "\n" + _DONE
 
 

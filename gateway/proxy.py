@@ -638,16 +638,14 @@ class Proxy:
         pool, rng, tried, refused = self._pool, self._rng, ex.tried, ex.refused
         if route is None:
             return pool.choose(now, rng, tried, accept, wait_up_to_s, last=last, refused=refused, key=ex.key)
-        choice = pool.choose(
-            now,
-            rng,
-            tried,
-            _both(accept, route.accepts),
-            wait_up_to_s,
-            last=last,
-            refused=refused,
-            key=ex.key,
-        )
+        serves = _both(accept, route.accepts)
+        choice = pool.choose(now, rng, tried, serves, wait_up_to_s, last=last, refused=refused, key=ex.key)
+        if route.has_fallback and not last and choice is not None and choice.upstream in tried:
+            # An untried upstream of another tier may serve this very model: it goes before a
+            # fallback model, which is a different answer than the client asked for.
+            other = pool.choose(now, rng, tried, serves, wait_up_to_s, last=True, refused=refused, key=ex.key)
+            if other is not None and other.upstream not in tried:
+                return other
         while route.has_fallback and (choice is None or choice.upstream in ex.tried):
             at = route.at
             self._fall_back(route)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,31 @@ def container(deployment: Manifest, name: str) -> dict[str, Any]:
 def env(c: dict[str, Any]) -> dict[str, Any]:
     """A container's env as name -> value or valueFrom."""
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def resolved_env(
+    c: dict[str, Any], docs: list[Manifest], secrets: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
+    """A container's env as the kubelet would give it: ConfigMap and Secret references resolved.
+
+    References to the chart's own ConfigMaps and Secrets are read from `docs`; `secrets` supplies
+    Secrets the chart expects to exist (name -> key -> value). An unresolvable reference fails.
+    """
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in by_kind(docs, "ConfigMap")}
+    owned = {
+        d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
+        for d in by_kind(docs, "Secret")
+    }
+    owned.update(secrets or {})
+    out: dict[str, str] = {}
+    for item in c.get("env", []):
+        name, ref = item["name"], item.get("valueFrom")
+        if ref is None:
+            out[name] = item["value"]
+        elif "configMapKeyRef" in ref:
+            out[name] = maps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+        elif "secretKeyRef" in ref:
+            out[name] = owned[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+        else:
+            raise AssertionError(f"cannot resolve env {name}: {ref}")
+    return out

@@ -77,9 +77,12 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def http_post(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, str]:
+def http_post(
+    url: str, body: bytes, timeout_s: float = 10.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """POST a JSON body; returns (status, body) for any HTTP status."""
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    fields = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=body, method="POST", headers=fields)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status, resp.read().decode()

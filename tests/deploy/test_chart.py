@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,12 @@ from tests.deploy.chart import (
     load_values,
     one,
     render,
+    resolved_env,
 )
+from tests.deploy.procs import GATEWAY_READY, MOCK_READY, Proc, http_get, http_post, running
 
 SCENARIOS = {p.name.removesuffix("-values.yaml"): p for p in CI_VALUES}
+BIN = Path(sys.executable).parent
 HARDENED = {
     "runAsNonRoot": True,
     "readOnlyRootFilesystem": True,
@@ -249,6 +255,16 @@ def test_monitoring_scenario_servicemonitor_and_alerts() -> None:
         ({"gateway": {"upstreams": [{"name": "a"}]}}, "missing property 'url'"),
         ({"gateway": {"upstreams": [{"url": "ftp://x"}]}}, "/gateway/upstreams/0/url"),
         ({"gateway": {"extraEnv": {"RETRY": "2"}}}, "'RETRY' does not match pattern '^GATEWAY_"),
+        ({"gateway": {"callers": [{"name": "a"}]}}, "/gateway/callers/0"),
+        ({"gateway": {"callers": [{"name": "a", "key": "k", "key_sha256": "0" * 64}]}}, "/gateway/callers/0"),
+        ({"gateway": {"callers": [{"name": "a", "key": "k", "limit": 1}]}}, "additional properties 'limit'"),
+        (
+            {"gateway": {"upstreams": [{"url": "http://a", "models": "gpt-4o"}]}},
+            "/gateway/upstreams/0/models",
+        ),
+        ({"gateway": {"modelFallbacks": {"gpt-4o": "gpt-4o-mini"}}}, "/gateway/modelFallbacks/gpt-4o"),
+        ({"gateway": {"networkPolicy": {"clientLabels": {"a": 1}}}}, "/gateway/networkPolicy/clientLabels/a"),
+        ({"gateway": {"networkPolicy": {"clientNamespaces": ["Not_A_Name"]}}}, "/gateway/networkPolicy"),
     ],
 )
 def test_values_schema_rejects_bad_values_clearly(values: dict[str, Any], message: str) -> None:
@@ -333,3 +349,232 @@ def test_gateway_proxy_env_reaches_both_gateway_containers() -> None:
     with pytest.raises(helm.HelmValuesError) as err:
         render({"gateway": {**MINIMAL["gateway"], "proxyEnv": {"ALL_PROXY": "socks5://p:1"}}})
     assert "invalid propertyName 'ALL_PROXY'" in str(err.value)
+
+
+# --- NetworkPolicy ------------------------------------------------------------------------------
+
+
+def proxy_and_admin_rules(policy: Manifest) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ingress rule of the proxy port and the rules of the admin port."""
+    rules = policy["spec"]["ingress"]
+    proxy = [r for r in rules if r["ports"] == [{"port": "gw-http", "protocol": "TCP"}]]
+    admin = [r for r in rules if r["ports"] == [{"port": "gw-admin", "protocol": "TCP"}]]
+    assert len(proxy) == 1 and len(proxy) + len(admin) == len(rules), rules
+    return proxy[0], admin
+
+
+def test_network_policy_on_by_default_for_the_shared_gateway() -> None:
+    docs = render(MINIMAL)
+    policy = one(docs, "NetworkPolicy", "-gateway")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    deploy = one(docs, "Deployment", "-gateway")
+    # It selects exactly the shared gateway's pods, and only restricts ingress.
+    assert policy["spec"]["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container(deploy, "gateway")["ports"]}
+    assert ports == {"gw-http": 8080, "gw-admin": 9901}  # the named ports the rules use
+    proxy, admin = proxy_and_admin_rules(policy)
+    # No namespaceSelector: labelled pods of the release's namespace only.
+    assert proxy["from"] == [{"podSelector": {"matchLabels": {"failover-gateway-client": "true"}}}]
+    assert len(admin) == 1
+    assert admin[0]["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]
+    # The jobs API pod (sidecar on localhost) is not selected.
+    jobs = one(docs, "Deployment", "-jobs-api")["spec"]["template"]["metadata"]["labels"]
+    assert not set(policy["spec"]["podSelector"]["matchLabels"].items()) <= set(jobs.items())
+
+
+def test_network_policy_client_namespaces_and_admin_peers() -> None:
+    docs = scenario("gateway-only")
+    policy = one(docs, "NetworkPolicy", "-gateway")
+    proxy, admin = proxy_and_admin_rules(policy)
+    # One peer: namespace AND pod labels, not either.
+    assert proxy["from"] == [
+        {
+            "namespaceSelector": {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["search", "batch"]}
+                ]
+            },
+            "podSelector": {"matchLabels": {"inference-client": "yes"}},
+        }
+    ]
+    assert admin[0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    # adminFrom empty: nothing may reach the admin port (the kubelet's probes come from the node).
+    closed = one(
+        render({"gateway": {**MINIMAL["gateway"], "networkPolicy": {"adminFrom": []}}}), "NetworkPolicy"
+    )
+    kubernetes_validate.validate(closed, KUBE_VERSION, strict=True)
+    assert proxy_and_admin_rules(closed)[1] == []
+    # Labels given replace the default label rather than add to it; none at all means the default.
+    unset_labels: tuple[dict[str, str] | None, ...] = ({}, None)
+    for labels in unset_labels:
+        unset = one(
+            render({"gateway": {**MINIMAL["gateway"], "networkPolicy": {"clientLabels": labels}}}),
+            "NetworkPolicy",
+        )
+        assert proxy_and_admin_rules(unset)[0]["from"] == [
+            {"podSelector": {"matchLabels": {"failover-gateway-client": "true"}}}
+        ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"gateway": {**MINIMAL["gateway"], "networkPolicy": {"enabled": False}}},
+        {"gateway": {**MINIMAL["gateway"], "enabled": False}},  # jobs API and its sidecar only
+    ],
+    ids=["disabled", "no-shared-gateway"],
+)
+def test_network_policy_absent_when_disabled_or_without_the_shared_gateway(values: dict[str, Any]) -> None:
+    assert not by_kind(render(values), "NetworkPolicy")
+
+
+def test_sidecar_template_renders_no_network_policy(tmp_path: Path) -> None:
+    render_app_with_sidecar(tmp_path)  # builds tmp_path/app, which includes the sidecar
+    with helm.Chart.load(str(tmp_path / "app")) as chart:
+        out = chart.render({}, name="shop", namespace="prod", is_install=True)
+    kinds = {d["kind"] for text in out.values() for d in yaml.safe_load_all(text) if isinstance(d, dict)}
+    assert "Deployment" in kinds and "NetworkPolicy" not in kinds
+
+
+# --- models and callers -------------------------------------------------------------------------
+
+ALICE_KEY = "sk-alice-chart-0123456789"
+BOB_KEY = "sk-bob-chart-9876543210"
+
+
+def callers_values(url: str = "http://vllm-a:8000") -> dict[str, Any]:
+    """A shared gateway with models, an alias, a fallback and two callers (one key from a Secret)."""
+    return {
+        "gateway": {
+            "upstreams": [
+                {
+                    "name": "vllm",
+                    "url": url,
+                    "health_path": None,
+                    "models": {"llama-3-70b": "meta-llama/L3-70B"},
+                },
+            ],
+            "modelAliases": {"llama": "llama-3-70b"},
+            "callers": [
+                {"name": "alice", "key": "${ALICE_CALLER_KEY}", "max_inflight": 8},
+                {
+                    "name": "bob",
+                    "key_sha256": hashlib.sha256(BOB_KEY.encode()).hexdigest(),
+                    "models": ["llama-3-8b"],
+                },
+            ],
+            "providerKeys": {"existingSecret": "caller-keys", "env": {"ALICE_CALLER_KEY": "alice"}},
+        }
+    }
+
+
+def test_callers_go_into_a_secret_read_by_secret_key_ref_never_a_config_map() -> None:
+    values = callers_values()
+    values["gateway"]["callers"][0]["key"] = ALICE_KEY  # a literal key must stay in the Secret too
+    docs = render(values)
+    secret = one(docs, "Secret", "-callers")
+    kubernetes_validate.validate(secret, KUBE_VERSION, strict=True)
+    assert json.loads(base64.b64decode(secret["data"]["callers.json"])) == values["gateway"]["callers"]
+    deploy = one(docs, "Deployment", "-gateway")
+    e = env(container(deploy, "gateway"))
+    assert e["GATEWAY_CALLERS"] == {
+        "secretKeyRef": {"name": secret["metadata"]["name"], "key": "callers.json"}
+    }
+    # The key is nowhere but in the Secret: not in a ConfigMap, an env value or an annotation.
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            assert ALICE_KEY not in json.dumps(doc), doc["metadata"]["name"]
+    assert "callers" not in json.dumps([d["data"] for d in by_kind(docs, "ConfigMap")][0])
+    # A changed caller list rolls the pods.
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    values["gateway"]["callers"][1]["max_inflight"] = 3
+    other = one(render(values), "Deployment", "-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/callers"] != other["checksum/callers"]
+    # The jobs API's sidecar (localhost only) does not ask its jobs for a key.
+    assert "GATEWAY_CALLERS" not in env(container(one(docs, "Deployment", "-jobs-api"), "gateway"))
+
+
+def test_existing_callers_secret_is_referenced_and_nothing_rendered() -> None:
+    docs = scenario("gateway-only")
+    assert not by_kind(docs, "Secret")
+    deploy = one(docs, "Deployment", "-gateway")
+    e = env(container(deploy, "gateway"))
+    assert e["GATEWAY_CALLERS"] == {"secretKeyRef": {"name": "gateway-callers", "key": "callers.json"}}
+    assert "checksum/callers" not in deploy["spec"]["template"]["metadata"]["annotations"]
+    assert "GATEWAY_CALLERS" not in env(container(one(render(MINIMAL), "Deployment", "-gateway"), "gateway"))
+    both = {
+        "gateway": {
+            **MINIMAL["gateway"],
+            "callers": [{"name": "a", "key": "k"}],
+            "existingCallersSecret": {"name": "mine"},
+        }
+    }
+    with pytest.raises(
+        helm.HelmRenderError, match="callers and gateway.existingCallersSecret.name are both set"
+    ):
+        render(both)
+
+
+def test_models_aliases_and_fallbacks_reach_the_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config import load_settings
+
+    docs = scenario("sqlite")
+    gw = container(one(docs, "Deployment", "-gateway"), "gateway")
+    e = env(gw)
+    assert json.loads(e["GATEWAY_MODEL_ALIASES"]) == {"llama": "llama-3-70b"}
+    assert json.loads(e["GATEWAY_MODEL_FALLBACKS"]) == {"llama-3-70b": ["gpt-4o-mini"]}
+    resolved = resolved_env(
+        gw,
+        docs,
+        {"gateway-admin": {"token": "t0ken"}, "provider-keys": {"openai-api-key": "sk-test"}},
+    )
+    for name, value in resolved.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.upstreams[0].models == {"llama-3-70b": "llama-3-70b"}
+    assert settings.model_aliases == {"llama": "llama-3-70b"}
+    assert settings.model_fallbacks == {"llama-3-70b": ["gpt-4o-mini"]}
+    [search] = settings.callers
+    assert search.name == "search" and search.models == ["llama"] and search.requests_per_minute == 600
+
+
+def test_rendered_gateway_starts_and_asks_for_caller_keys(tmp_path: Path) -> None:
+    """The real `gateway` process, run with exactly the env the chart renders, in front of a mock."""
+    procs: list[Proc] = []
+    with running(procs):
+        procs.append(
+            Proc([str(BIN / "mock-inference"), "--port", "0", "--name", "vllm"], tmp_path / "mock.log")
+        )
+        mock = f"http://127.0.0.1:{procs[-1].wait_for(MOCK_READY).group(1)}"
+        docs = render(callers_values(mock))
+        gw = container(one(docs, "Deployment", "-gateway"), "gateway")
+        rendered = resolved_env(gw, docs, {"caller-keys": {"alice": ALICE_KEY}})
+        # Loopback and free ports instead of 0.0.0.0:8080/9901; everything else as rendered.
+        rendered |= {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_ADMIN_HOST": "127.0.0.1"}
+        rendered |= {"GATEWAY_PORT": "0", "GATEWAY_ADMIN_PORT": "0"}
+        argv = [str(BIN / gw["args"][0]), *gw["args"][1:]]
+        procs.append(Proc(argv, tmp_path / "gateway.log", rendered))
+        port = procs[-1].wait_for(GATEWAY_READY).group(1)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+        status, answer = http_post(url, body)
+        assert status == 401 and json.loads(answer)["error"]["type"] == "unauthorized"
+        status, answer = http_post(url, body, headers={"Authorization": "Bearer sk-wrong"})
+        assert status == 401
+        status, answer = http_post(url, body, headers={"Authorization": f"Bearer {ALICE_KEY}"})
+        assert status == 200, answer
+        # Bob may use llama-3-8b only; his key is known (by its digest), the model is not his.
+        status, answer = http_post(url, body, headers={"api-key": BOB_KEY})
+        assert status == 403 and json.loads(answer)["error"]["type"] == "model_not_allowed"
+        _, stats = http_get(f"{mock}/stats")
+        seen = json.loads(stats)
+        assert seen["requests"] == 1  # refusals never reach the upstream
+        # The alias resolved and the upstream's own name written into the body; no caller key sent.
+        assert json.loads(seen["last_body"])["model"] == "meta-llama/L3-70B"
+        assert ALICE_KEY not in json.dumps(seen["last_headers"])

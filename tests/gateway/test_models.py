@@ -105,6 +105,31 @@ async def test_fallback_models_serve_when_the_model_cannot(
     assert gw.sample("gateway_model_fallbacks_total", labels) == 1
 
 
+async def test_the_model_on_another_tier_goes_before_a_fallback_model(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    """Regression: one failure of the model's only tier-0 upstream moved the request to the
+    fallback model, though a tier-1 upstream of the asked-for model was untried and routable."""
+    a = await start_mock("a")
+    b = await start_mock("b")
+    c = await start_mock("c")
+    gw = await start_gateway(
+        up(a, ["llama-3-70b"]),
+        up(b, {"llama-3-70b": "Llama-3-70B-hosted"}, priority=1),
+        up(c, ["gpt-4o-mini"], priority=1),
+        model_fallbacks={"llama-3-70b": ["gpt-4o-mini"]},
+    )
+    a.behaviour.error_rate = 1.0
+    status, headers, answer = await post(gw, CHAT)
+    assert status == 200
+    assert headers["X-Gateway-Upstream"] == "b" and headers["X-Gateway-Model"] == "llama-3-70b"
+    assert answer["model"] == "Llama-3-70B-hosted"
+    assert c.stats.requests == 0
+    assert (
+        gw.sample("gateway_model_fallbacks_total", {"model": "llama-3-70b", "fallback": "gpt-4o-mini"}) == 0
+    )
+
+
 async def test_a_fallback_is_used_at_once_when_the_model_has_no_routable_upstream(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:

@@ -45,6 +45,9 @@ async def test_tokens_are_counted_from_json_bodies_and_from_the_final_stream_chu
     assert gw.sample("gateway_tokens_total", {**labels, "kind": "completion"}) == 10
 
 
+TOKENS_LLAMA = {"upstream": "a", "model": "llama", "caller": "", "kind": "completion"}
+
+
 async def test_tokens_carry_the_configured_model_label(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:
@@ -52,7 +55,7 @@ async def test_tokens_carry_the_configured_model_label(
     gw = await start_gateway({"name": "a", "url": a.url, "models": ["llama"]})
     async with gw.client.post("/v1/chat/completions", json={**CHAT, "model": "llama"}) as r:
         assert r.status == 200
-    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "llama", "caller": "", "kind": "completion"}) == 3
+    assert gw.sample("gateway_tokens_total", TOKENS_LLAMA) == 3
 
 
 async def test_overhead_excludes_the_time_waiting_on_the_upstream(
@@ -132,7 +135,8 @@ async def test_usage_injection_counts_tokens_and_keeps_the_clients_stream_as_ask
     assert sent["stream_options"] == {"include_usage": True}
     assert b'"usage"' not in raw  # the client did not ask for it
     assert raw.rstrip().endswith(b"data: [DONE]")
-    assert gw.sample("gateway_tokens_total", {"upstream": "a", "model": "", "caller": "", "kind": "completion"}) == 4
+    completion = {"upstream": "a", "model": "", "caller": "", "kind": "completion"}
+    assert gw.sample("gateway_tokens_total", completion) == 4
     asked = {**body, "stream_options": {"include_usage": True}}
     async with gw.client.post("/v1/chat/completions", json=asked) as r:
         assert b'"usage"' in await r.read()  # asked for: passed on

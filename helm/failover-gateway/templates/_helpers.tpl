@@ -47,6 +47,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-upstreams" (include "failover-gateway.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "failover-gateway.callersSecret" -}}
+{{- printf "%s-callers" (include "failover-gateway.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The Secret and key GATEWAY_CALLERS is read from, as a dict (name, key), or an empty dict when no
+callers are configured: the chart's own Secret for gateway.callers, else existingCallersSecret.
+*/}}
+{{- define "failover-gateway.callersRef" -}}
+{{- $g := .Values.gateway -}}
+{{- $existing := default dict $g.existingCallersSecret -}}
+{{- if $g.callers -}}
+{{- toJson (dict "name" (include "failover-gateway.callersSecret" .) "key" "callers.json") -}}
+{{- else if $existing.name -}}
+{{- toJson (dict "name" $existing.name "key" (default "callers.json" $existing.key)) -}}
+{{- else -}}
+{{- toJson dict -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 Seconds Kubernetes waits after SIGTERM: the preStop sleep, then the gateway's drain
 (GATEWAY_SHUTDOWN_GRACE_S), plus 10 s of headroom for closing connections.
@@ -74,6 +94,10 @@ Parameters (a dict):
   image               required: image reference
   upstreamsConfigMap  optional: ConfigMap with key upstreams.json; without it the upstreams are
                       passed inline as GATEWAY_UPSTREAMS JSON
+                      (gateway.modelAliases and gateway.modelFallbacks are always passed inline
+                      as GATEWAY_MODEL_ALIASES / GATEWAY_MODEL_FALLBACKS JSON)
+  callersSecret       optional: (dict "name" <Secret> "key" <key>) of a Secret holding the callers
+                      JSON list, read as GATEWAY_CALLERS; then every request needs a caller's key
   listenHost          optional: proxy listen address, 127.0.0.1 (sidecar) by default; the admin
                       port always listens on 0.0.0.0 so the kubelet can probe it
   securityContext     optional: container securityContext (non-root, read-only root by default)
@@ -122,6 +146,23 @@ gateway.preStopSleepSeconds.
     {{- else }}
     - name: GATEWAY_UPSTREAMS
       value: {{ required "failover-gateway.sidecar: gateway.upstreams must list at least one upstream" $g.upstreams | toJson | quote }}
+    {{- end }}
+    {{- with $g.modelAliases }}
+    - name: GATEWAY_MODEL_ALIASES
+      value: {{ toJson . | quote }}
+    {{- end }}
+    {{- with $g.modelFallbacks }}
+    - name: GATEWAY_MODEL_FALLBACKS
+      value: {{ toJson . | quote }}
+    {{- end }}
+    {{- with .callersSecret }}
+    {{- if .name }}
+    - name: GATEWAY_CALLERS
+      valueFrom:
+        secretKeyRef:
+          name: {{ .name }}
+          key: {{ default "callers.json" .key }}
+    {{- end }}
     {{- end }}
     {{- with $g.adminToken }}
     {{- if .existingSecret }}
@@ -202,6 +243,10 @@ gateway.preStopSleepSeconds.
 {{- if not (or $j.store.redis.url $j.store.redis.existingSecret) -}}
 {{- fail "jobsApi.store.type=redis needs jobsApi.store.redis.url or jobsApi.store.redis.existingSecret" -}}
 {{- end -}}
+{{- end -}}
+{{- $existing := default dict .Values.gateway.existingCallersSecret -}}
+{{- if and .Values.gateway.callers $existing.name -}}
+{{- fail "gateway.callers and gateway.existingCallersSecret.name are both set; give the callers in one place" -}}
 {{- end -}}
 {{- if and (or .Values.gateway.enabled $j.enabled) (not .Values.gateway.upstreams) -}}
 {{- fail "gateway.upstreams is empty; list at least one upstream, e.g. --set gateway.upstreams[0].name=a,gateway.upstreams[0].url=http://vllm:8000" -}}
