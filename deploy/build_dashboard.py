@@ -373,9 +373,7 @@ def build() -> dict[str, Any]:
                     "current": {"text": "default", "value": "default"},
                 },
                 _variable("namespace", "Namespace", "label_values(gateway_build_info, namespace)", ds),
-                _variable(
-                    "pod", "Pod", 'label_values(gateway_build_info{namespace=~"$namespace"}, pod)', ds
-                ),
+                _variable("pod", "Pod", 'label_values(gateway_build_info{namespace=~"$namespace"}, pod)', ds),
                 _variable(
                     "upstream",
                     "Upstream",

@@ -241,6 +241,7 @@ def test_monitoring_scenario_servicemonitor_and_alerts() -> None:
         "GatewayUpstreamErrorRatioHigh",
         "GatewayErrorRatioHigh",
         "GatewayRetryBudgetExhausted",
+        "GatewayTimeToFirstTokenHigh",
         "JobsFailureRatioHigh",
         "JobsQueuedTooLong",
     }

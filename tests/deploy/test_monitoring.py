@@ -42,7 +42,14 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 GRAFANA_SCHEMA = Path(__file__).with_name("grafana-dashboard.schema.json")
 METRIC_NAME = re.compile(r"\b((?:gateway|jobs)_[a-z0-9_]+)\b")
 # What Grafana substitutes before a query reaches Prometheus.
-GRAFANA_MACROS = {"$__rate_interval": "30s", "$__interval": "15s", "$__range": "1h", "$upstream": ".*"}
+GRAFANA_MACROS = {
+    "$__rate_interval": "30s",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$upstream": ".*",
+    "$namespace": ".*",
+    "$pod": ".*",
+}
 BIN = Path(sys.executable).parent
 
 
@@ -138,7 +145,7 @@ def test_alert_rules_pass_promtool() -> None:
     promtool = require_tool("promtool")
     result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_alert_rules_fire_on_unit_series(tmp_path: Path) -> None:
@@ -177,6 +184,7 @@ class Stack:
 
     admin_port: int
     jobs_port: int
+    models_admin_port: int  # a second gateway, routing by model
     exported: set[str]
 
 
@@ -201,6 +209,15 @@ def drive_traffic(gateway_port: int, jobs_port: int) -> None:
             break
         time.sleep(0.1)
     assert json.loads(text)["status"] == "completed", text
+
+
+def drive_model_traffic(gateway_port: int) -> None:
+    """Requests routed by model, streams among them: per-model TTFT, chunk gaps, stream usage."""
+    base = f"http://127.0.0.1:{gateway_port}"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    for body in [chat] * 5 + [stream] * 5:
+        http_post(f"{base}/v1/chat/completions", json.dumps(body).encode())
 
 
 def scrape(url: str) -> set[str]:
@@ -240,15 +257,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         match = procs[-1].wait_for(GATEWAY_READY)
         gateway_port, admin_port = int(match.group(1)), int(match.group(2))
+        # A second gateway in front of the same upstreams, routing by model.
+        upstreams = [{"name": n, "url": u, "models": ["m"]} for n, u in (m.split("=", 1) for m in mocks)]
+        procs.append(
+            Proc(
+                [str(BIN / "gateway"), "--port", "0", "--admin-port", "0"],
+                tmp / "gateway-models.log",
+                {"GATEWAY_UPSTREAMS": json.dumps(upstreams), "GATEWAY_OUTLIER__CONSECUTIVE_FAILURES": "1000"},
+            )
+        )
+        match = procs[-1].wait_for(GATEWAY_READY)
+        models_port, models_admin_port = int(match.group(1)), int(match.group(2))
         jobs_argv = [str(BIN / "jobs-api"), "serve", "--port", "0"]
         jobs_argv += ["--gateway-url", f"http://127.0.0.1:{gateway_port}"]
         jobs_argv += ["--store", f"sqlite:///{tmp / 'jobs.db'}"]
         procs.append(Proc(jobs_argv, tmp / "jobs.log"))
         jobs_port = int(procs[-1].wait_for(JOBS_READY).group(1))
         drive_traffic(gateway_port, jobs_port)
+        drive_model_traffic(models_port)
         exported = scrape(f"http://127.0.0.1:{admin_port}/metrics")
+        exported |= scrape(f"http://127.0.0.1:{models_admin_port}/metrics")
         exported |= scrape(f"http://127.0.0.1:{jobs_port}/metrics")
-        yield Stack(admin_port, jobs_port, exported)
+        yield Stack(admin_port, jobs_port, models_admin_port, exported)
 
 
 def test_queries_use_only_exported_metric_names(stack: Stack) -> None:
@@ -286,7 +316,13 @@ def test_dashboard_queries_return_data_from_live_prometheus(stack: Stack, tmp_pa
             {
                 "job_name": "failover-gateway",
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{stack.admin_port}", f"127.0.0.1:{stack.jobs_port}"]}
+                    {
+                        "targets": [
+                            f"127.0.0.1:{stack.admin_port}",
+                            f"127.0.0.1:{stack.models_admin_port}",
+                            f"127.0.0.1:{stack.jobs_port}",
+                        ]
+                    }
                 ],
             }
         ],
