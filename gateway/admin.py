@@ -185,4 +185,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
     add_admin_routes(app)
+    from gateway.status_api import add_status_routes  # imported here: it builds on this module
+
+    add_status_routes(app)
     return app
