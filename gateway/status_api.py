@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from prometheus_client.core import Metric
 
-from gateway.admin import GATEWAY, _json, _view
 from gateway.app import Gateway
 from gateway.html_page import HtmlPage
 from gateway.policy.classify import Outcome, is_failure
 from gateway.policy.recent import HistogramCounts, RecentWindow, Snapshot, UpstreamCounters, summarize
+from gateway.policy.upstreams import Upstream
 
 WINDOW_S: Final = 60.0
 SAMPLE_EVERY_S: Final = 5.0
@@ -28,7 +29,20 @@ EVENTS_SHOWN: Final = 50
 FAILURE_OUTCOMES: Final = frozenset(o.value for o in Outcome if is_failure(o))
 
 STATUS_PAGE = HtmlPage("gateway", "static/status.html")
-WINDOW = web.AppKey("recent_window", RecentWindow)
+# The admin view of one upstream (gateway.admin's), which the status extends.
+UpstreamView = Callable[[Gateway, Upstream, float], dict[str, Any]]
+
+
+class StatusSource:
+    """What `/admin/status` reads: the gateway, its upstream view, and the last-minute window."""
+
+    def __init__(self, gateway: Gateway, view: UpstreamView) -> None:
+        self.gateway = gateway
+        self.view = view
+        self.window = RecentWindow(WINDOW_S)
+
+
+STATUS = web.AppKey("status_source", StatusSource)
 
 
 def _histograms(family: Metric) -> dict[str, HistogramCounts]:
@@ -84,8 +98,9 @@ def errors_in(outcomes: Mapping[str, float]) -> int:
     return int(sum(n for name, n in outcomes.items() if name in FAILURE_OUTCOMES))
 
 
-def status_view(gw: Gateway, window: RecentWindow) -> dict[str, Any]:
+def status_view(source: StatusSource) -> dict[str, Any]:
     """Everything the status page shows, as JSON-ready values."""
+    gw, window = source.gateway, source.window
     current = snapshot(gw)
     window.record(current)
     recent = window.recent(current)
@@ -100,7 +115,7 @@ def status_view(gw: Gateway, window: RecentWindow) -> dict[str, Any]:
         recent_errors = errors_in(last.outcomes)
         upstreams.append(
             {
-                **_view(gw, up, now),
+                **source.view(gw, up, now),
                 "ttft": {"total": summarize(total.ttft, ()), "recent": summarize(last.ttft)},
                 "ttfb": {"total": summarize(total.ttfb, ()), "recent": summarize(last.ttfb)},
                 "outcomes": total_outcomes,
@@ -126,7 +141,8 @@ def status_view(gw: Gateway, window: RecentWindow) -> dict[str, Any]:
 
 async def status(request: web.Request) -> web.Response:
     """GET /admin/status: upstream state, latency estimates, recent errors and state changes."""
-    return _json(status_view(request.app[GATEWAY], request.app[WINDOW]))
+    body = orjson.dumps(status_view(request.app[STATUS]))
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _sampler(app: web.Application) -> AsyncIterator[None]:
@@ -134,7 +150,8 @@ async def _sampler(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            app[WINDOW].record(snapshot(app[GATEWAY]))
+            source = app[STATUS]
+            source.window.record(snapshot(source.gateway))
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     task = asyncio.create_task(loop())
@@ -146,9 +163,9 @@ async def _sampler(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-def add_status_routes(app: web.Application) -> None:
+def add_status_routes(app: web.Application, gateway: Gateway, view: UpstreamView) -> None:
     """Register `GET /` (the page) and `GET /admin/status` on a single gateway's admin app."""
-    app[WINDOW] = RecentWindow(WINDOW_S)
+    app[STATUS] = StatusSource(gateway, view)
     app.cleanup_ctx.append(_sampler)
     app.router.add_get("/", STATUS_PAGE.handle)
     app.router.add_get("/admin/status", status)
