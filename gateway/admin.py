@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from gateway.app import Gateway
 from gateway.policy.upstreams import Upstream
+from gateway.status_api import add_status_routes
 
 GATEWAY = web.AppKey("gateway", Gateway)
 
@@ -185,4 +186,5 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
     add_admin_routes(app)
+    add_status_routes(app, gateway, _view)
     return app

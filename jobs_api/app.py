@@ -26,6 +26,7 @@ from jobs_api.metrics import JobsMetrics
 from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
+from jobs_api.ui import add_ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -105,4 +106,5 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle(store, start_runner))
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
+    add_ui_routes(app)
     return app

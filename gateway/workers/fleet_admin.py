@@ -348,4 +348,7 @@ def create_supervisor_admin_app(fleet: Fleet) -> web.Application:
             enable=enable,
         )
     )
+    from gateway.workers.fleet_status import add_fleet_status_routes  # it builds on this module
+
+    add_fleet_status_routes(app)
     return app
