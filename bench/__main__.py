@@ -76,6 +76,11 @@ def _config_samples(tmp: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["routing"]:  # routing policies on simulated engines (bench/routing.py)
+        from bench.routing import main as routing_main
+
+        return routing_main(args[1:])
     opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     pinning = Pinning.detect()

@@ -21,6 +21,8 @@ import orjson
 from aiohttp import web
 
 from gateway.testing import faults as fault_catalogue
+from gateway.testing.engine.config import FLAGS as ENGINE_FLAGS
+from gateway.testing.engine.config import EngineConfig
 from gateway.testing.faults import Faults
 
 __all__ = ["MOCK_BEHAVIOUR", "MOCK_STATS", "MockBehaviour", "MockStats", "create_mock_app", "main"]
@@ -602,6 +604,69 @@ def _port(text: str) -> int:
     return port
 
 
+# (EngineConfig field, converter, metavar, help) of the --engine flags; the flag is ENGINE_FLAGS[field]
+_ENGINE_KNOBS: Final[tuple[tuple[str, Callable[[str], Any], str, str], ...]] = (
+    ("model_name", str, "NAME", "served model name (the model_name label of /metrics)"),
+    ("max_num_seqs", int, "N", "most sequences in a batch (vLLM's max_num_seqs)"),
+    ("max_num_batched_tokens", int, "N", "token budget of one step: decodes plus prefill chunks"),
+    ("num_gpu_blocks", int, "N", "KV cache size in blocks"),
+    ("block_size", int, "N", "tokens per KV block"),
+    ("max_model_len", int, "N", "context window: prompt plus output tokens"),
+    ("step_time_s", float, "S", "seconds of one engine step, before per-sequence and prefill costs"),
+    ("step_time_per_seq_s", float, "S", "seconds one step gains per sequence in the batch"),
+    ("prefill_time_per_token_s", float, "S", "seconds one step gains per uncached prompt token"),
+    ("output_len", int, "N", "median output tokens of a request without max_tokens"),
+    ("output_len_sigma", float, "X", "log-normal shape of those lengths (0 = always the median)"),
+    ("speed", float, "X", "speed of this instance (0.7 = 30%% slower)"),
+    ("time_scale", float, "X", "multiply every simulated time by X (tests: 0.1 runs 10x faster)"),
+)
+
+
+def _engine_value(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+
+    return parse
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
+    group = p.add_argument_group(
+        "engine simulation",
+        "--engine serves a simulated vLLM-like engine (continuous batching, paged KV cache with "
+        "prefix caching, vLLM's /metrics and ORCA header) instead of the scripted mock; "
+        "the flags above other than --host, --port, --name and --seed do not apply to it",
+    )
+    group.add_argument("--engine", action="store_true", help="simulate a vLLM-like engine")
+    for key, convert, metavar, text in _ENGINE_KNOBS:
+        group.add_argument(
+            ENGINE_FLAGS[key],
+            dest=f"engine_{key}",
+            type=_engine_value(convert),
+            default=argparse.SUPPRESS,  # absent unless given, so the help shows EngineConfig's default
+            metavar=metavar,
+            help=f"{text} (default: {getattr(defaults, key)})",
+        )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig | None:
+    """The EngineConfig of parsed arguments (None without --engine); ValueError names a bad flag."""
+    given = {
+        key: getattr(args, f"engine_{key}")
+        for key, _, _, _ in _ENGINE_KNOBS
+        if hasattr(args, f"engine_{key}")
+    }
+    if not args.engine:
+        if given:
+            raise ValueError(f"{ENGINE_FLAGS[next(iter(given))]} needs --engine")
+        return None
+    seed = 0 if args.seed is None else args.seed
+    return EngineConfig(**given, seed=seed)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     defaults = MockBehaviour()
     p = argparse.ArgumentParser(
@@ -621,12 +686,22 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='add "sent_ns" (time.monotonic_ns() at send) to every streamed JSON chunk',
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for error/rate-limit draws")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed for error/rate-limit draws (--engine: output lengths, 0)"
+    )
+    _add_engine_flags(p)
     return p
 
 
-async def _serve(host: str, port: int, behaviour: MockBehaviour, seed: int | None) -> None:
-    app = create_mock_app(behaviour, seed=seed)
+async def _serve(
+    host: str, port: int, behaviour: MockBehaviour, seed: int | None, engine: EngineConfig | None = None
+) -> None:
+    if engine is None:
+        app = create_mock_app(behaviour, seed=seed)
+    else:
+        from gateway.testing.engine.server import create_engine_app
+
+        app = create_engine_app(engine, name=behaviour.name)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -640,7 +715,8 @@ async def _serve(host: str, port: int, behaviour: MockBehaviour, seed: int | Non
                 pass
         bound = runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"mock-inference {behaviour.name} listening on http://{shown}:{bound}", flush=True)
+        kind = "engine " if engine is not None else ""
+        print(f"mock-inference {kind}{behaviour.name} listening on http://{shown}:{bound}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -659,12 +735,16 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the mock inference server from the command line."""
     args = _build_parser().parse_args(argv)
+    try:
+        engine = engine_config(args)
+    except ValueError as exc:
+        sys.exit(f"mock-inference: error: {exc}")
     knobs = {key: getattr(args, key) for _, key, _, _, _ in _CLI_KNOBS}
     behaviour = MockBehaviour(
         **knobs, hang=args.hang, healthy=not args.unhealthy, stamp_chunks=args.stamp_chunks
     )
     try:
-        _run(_serve(args.host, args.port, behaviour, args.seed))
+        _run(_serve(args.host, args.port, behaviour, args.seed, engine))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

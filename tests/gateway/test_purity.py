@@ -29,6 +29,14 @@ PURE_MODULES = tuple(
     "gateway.http.target",
     "gateway.stream.events",
     "gateway.stream.continuation",
+    # the engine simulator's model (gateway/testing/engine/)
+    "gateway.testing.engine.config",
+    "gateway.testing.engine.kv_cache",
+    "gateway.testing.engine.orca",
+    "gateway.testing.engine.outputs",
+    "gateway.testing.engine.protocol",
+    "gateway.testing.engine.scheduler",
+    "gateway.testing.engine.tokens",
 )
 FORBIDDEN = frozenset({"aiohttp", "asyncio", "time", "prometheus_client", "redis", "aiosqlite", "socket"})
 # Gateway modules a pure module may import: the other pure ones, and config for settings types.
