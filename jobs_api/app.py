@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from jobs_api.auth import Authenticator
+from jobs_api.cache_routes import add_cache_routes
 from jobs_api.config import JobsSettings
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
@@ -105,4 +106,5 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle(store, start_runner))
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
+    add_cache_routes(app)
     return app

@@ -28,6 +28,13 @@ class Unauthorized(JobsError):
     error_type = "unauthorized"
 
 
+class Forbidden(JobsError):
+    """The caller is authenticated but its roles do not allow this (an admin-only endpoint)."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 class RequestTimeout(JobsError):
     """The client went silent while its request body was being read; the connection is closed."""
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import ValidationError
 
+from jobs_api.caching import CacheEntry, CacheStats
 from jobs_api.models import MAX_JSON_DEPTH, Job, JobError, JobStatus, nested_deeper_than
 
 Mutation = Callable[[Job], Job]
@@ -247,3 +248,25 @@ class JobStore(ABC):
     @abstractmethod
     async def purge_finished(self, before: float) -> int:
         """Delete jobs that finished before `before` (with their events and logs); returns count."""
+
+    # --- result cache (jobs_api.caching) ---
+
+    @abstractmethod
+    async def cache_lookup(self, tenant: str, key: str, now: float, max_age_s: float) -> CacheEntry | None:
+        """The tenant's live entry for `key` at most `max_age_s` old, or None; counts a hit or miss."""
+
+    @abstractmethod
+    async def cache_put(self, entry: CacheEntry) -> None:
+        """Store (or replace) the entry; it expires at `entry.expires_at`."""
+
+    @abstractmethod
+    async def cache_stats(self, tenant: str | None, now: float) -> CacheStats:
+        """Hits, misses, live entries and their bytes of one tenant (None: of every tenant)."""
+
+    @abstractmethod
+    async def cache_clear(self) -> int:
+        """Delete every tenant's entries (the hit and miss counts stay); how many there were."""
+
+    @abstractmethod
+    async def cache_sweep(self, now: float) -> int:
+        """Drop entries that expired before `now`; how many."""

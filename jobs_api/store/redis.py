@@ -55,6 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from jobs_api.caching import CacheEntry, CacheStats, is_hit
 from jobs_api.errors import IdempotencyConflict, JobNotFound, OutcomeUnknown, StoreUnavailable
 from jobs_api.models import Job, JobStatus, transition
 from jobs_api.store.base import (
@@ -224,6 +225,30 @@ return 0
 """
 
 
+# KEYS: 1 entry hash, 2 tenant's index (key by expires_at), 3 tenant's sizes, 4 tenants set.
+# ARGV: 1 key, 2 source job, 3 result JSON, 4 cached_at, 5 expires_at, 6 ttl ms, 7 bytes, 8 tenant.
+CACHE_PUT: Final = """
+redis.call('HSET', KEYS[1], 'src', ARGV[2], 'result', ARGV[3], 'at', ARGV[4], 'exp', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
+redis.call('SADD', KEYS[4], ARGV[8])
+return 1
+"""
+
+# KEYS: 1 tenant's index, 2 tenant's sizes, 3 tenant's counters. ARGV: 1 now.
+# Drops index entries of expired keys (the entries themselves expired by TTL), then counts.
+CACHE_STATS: Final = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, key in ipairs(gone) do redis.call('HDEL', KEYS[2], key) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local size = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do size = size + tonumber(n) end
+local counts = redis.call('HMGET', KEYS[3], 'hits', 'misses')
+return {redis.call('ZCARD', KEYS[1]), size, counts[1] or 0, counts[2] or 0}
+"""
+
+
 class _Unanswered(Exception):
     """A command was sent and no answer came: Redis may or may not have run it."""
 
@@ -240,6 +265,24 @@ class Keys:
         self.finished = f"{prefix}finished"
         self.all_jobs = f"{prefix}idx:all"
         self.channel = f"{prefix}events"
+
+        self.cache_tenants = f"{prefix}cache:tenants"
+
+    def cache_entry(self, tenant: str, key: str) -> str:
+        """The hash of one cached result (expires with its TTL)."""
+        return f"{self.prefix}cache:entry:{quote(tenant, safe='')}:{key}"
+
+    def cache_index(self, tenant: str) -> str:
+        """A tenant's cache keys by expires_at (for stats and clearing)."""
+        return f"{self.prefix}cache:idx:{quote(tenant, safe='')}"
+
+    def cache_sizes(self, tenant: str) -> str:
+        """A tenant's cache keys and the bytes of their results."""
+        return f"{self.prefix}cache:size:{quote(tenant, safe='')}"
+
+    def cache_counters(self, tenant: str) -> str:
+        """A tenant's cache hits and misses."""
+        return f"{self.prefix}cache:count:{quote(tenant, safe='')}"
 
     def job(self, job_id: str) -> str:
         """The hash holding the job's JSON and version."""
@@ -400,6 +443,8 @@ class RedisJobStore(JobStore):
         self._append_log = client.register_script(APPEND_LOG)
         self._purge = client.register_script(PURGE)
         self._delete_if = client.register_script(DELETE_IF)
+        self._cache_put = client.register_script(CACHE_PUT)
+        self._cache_stats = client.register_script(CACHE_STATS)
         try:
             await client.ping()
         except AuthenticationError as exc:
@@ -815,3 +860,94 @@ class RedisJobStore(JobStore):
                     purged += int(await self._purge(keys=keys, args=[member, order, job_id]))
             if len(members) < SCAN_CHUNK:
                 return purged
+
+    # --- result cache ---
+
+    async def cache_lookup(self, tenant: str, key: str, now: float, max_age_s: float) -> CacheEntry | None:
+        """The live entry (Redis expires entries by TTL); counts the lookup."""
+        k = self.keys
+        async with self._unavailable():
+            raw: dict[Any, Any] = await self.redis.hgetall(k.cache_entry(tenant, key))
+        entry = None
+        if raw:
+            entry = CacheEntry(
+                tenant, key, str(raw["src"]), str(raw["result"]), float(raw["at"]), float(raw["exp"])
+            )
+            if not is_hit(entry, now, max_age_s):
+                entry = None
+        async with self._unavailable(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(k.cache_counters(tenant), "hits" if entry else "misses", 1)
+            pipe.sadd(k.cache_tenants, tenant)  # the admin's stats add up every tenant in this set
+            await pipe.execute()
+        return entry
+
+    async def cache_put(self, entry: CacheEntry) -> None:
+        """Store the entry with a key TTL that ends at its expiry."""
+        k = self.keys
+        ttl_ms = max(1, math.ceil((entry.expires_at - entry.cached_at) * 1000))
+        keys = [
+            k.cache_entry(entry.tenant, entry.key),
+            k.cache_index(entry.tenant),
+            k.cache_sizes(entry.tenant),
+            k.cache_tenants,
+        ]
+        args = [
+            entry.key,
+            entry.source_job_id,
+            entry.result_json,
+            repr(entry.cached_at),
+            repr(entry.expires_at),
+            str(ttl_ms),
+            str(entry.size),
+            entry.tenant,
+        ]
+        async with self._unavailable():
+            await self._cache_put(keys=keys, args=args)
+
+    async def _cache_tenants(self, tenant: str | None) -> list[str]:
+        if tenant is not None:
+            return [tenant]
+        async with self._unavailable():
+            members = await self.redis.smembers(self.keys.cache_tenants)
+        return sorted(str(m) for m in members)
+
+    async def cache_stats(self, tenant: str | None, now: float) -> CacheStats:
+        """Counts of one tenant (None: every tenant that ever looked up or stored an entry)."""
+        k = self.keys
+        total = CacheStats()
+        for name in await self._cache_tenants(tenant):
+            keys = [k.cache_index(name), k.cache_sizes(name), k.cache_counters(name)]
+            async with self._unavailable():
+                entries, size, hits, misses = await self._cache_stats(keys=keys, args=[_score(now)])
+            total += CacheStats(int(hits), int(misses), int(entries), int(size))
+        return total
+
+    async def cache_clear(self) -> int:
+        """Delete every tenant's entries and indexes."""
+        k = self.keys
+        deleted = 0
+        for name in await self._cache_tenants(None):
+            async with self._unavailable():
+                members = await self.redis.zrange(k.cache_index(name), 0, -1)
+            for start in range(0, len(members), SCAN_CHUNK):
+                chunk = [k.cache_entry(name, str(m)) for m in members[start : start + SCAN_CHUNK]]
+                async with self._unavailable():
+                    deleted += int(await self.redis.unlink(*chunk))
+            async with self._unavailable():
+                await self.redis.unlink(k.cache_index(name), k.cache_sizes(name))
+        return deleted
+
+    async def cache_sweep(self, now: float) -> int:
+        """Drop index entries of expired results (the results themselves expire by key TTL)."""
+        k = self.keys
+        swept = 0
+        for name in await self._cache_tenants(None):
+            async with self._unavailable():
+                gone = await self.redis.zrangebyscore(k.cache_index(name), "-inf", _score(now))
+                if gone:
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.hdel(k.cache_sizes(name), *gone)
+                        pipe.zrem(k.cache_index(name), *gone)
+                        await pipe.execute()
+            swept += len(gone)
+        return swept
