@@ -22,11 +22,23 @@ from jobs_api.cache_routes import add_cache_routes
 from jobs_api.config import JobsSettings
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
-from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
+from jobs_api.keys import (
+    AUTH,
+    CLOCK,
+    HANDLERS,
+    METRICS,
+    PROMETHEUS,
+    RUNNER,
+    SETTINGS,
+    STOPPING,
+    STORE,
+    WEBHOOKS,
+)
 from jobs_api.metrics import JobsMetrics
 from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
+from jobs_api.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +70,17 @@ def _lifecycle(
         app[STORE] = store
         runner = JobRunner(store, settings, app[HANDLERS], app[METRICS], clock=app[CLOCK])
         app[RUNNER] = runner
+        webhooks = WebhookSender(store, settings, clock=app[CLOCK])
+        app[WEBHOOKS] = webhooks
         try:
             if start_runner:
                 await runner.start()
+                await webhooks.start()
             yield
         finally:
             try:
                 await runner.stop()
+                await webhooks.stop()
             finally:
                 if given_store is None:
                     await store.close()

@@ -38,7 +38,8 @@ from jobs_api.errors import (
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
-from jobs_api.submission_options import from_cache
+from jobs_api.submission_options import from_cache, with_webhook
+from jobs_api.webhooks import WebhookSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
 MAX_EVENT_ID: Final = 2**63 - 1
 # Fields of a batch submission that describe the job rather than its input.
-JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata", "cache")
+JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata", "cache", "webhook")
 HTTP_ERROR_TYPES: Final = {
     400: "invalid_request",
     404: "not_found",
@@ -80,6 +81,7 @@ class JobSubmit(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     metadata: dict[str, Any] = Field(default_factory=dict)
     cache: CacheSpec | None = None
+    webhook: WebhookSpec | None = None
 
 
 # --- representation -----------------------------------------------------------------------------
@@ -139,6 +141,8 @@ def job_view(job: Job, *, with_input: bool = True) -> dict[str, Any]:
         view["result"] = job.result
     if job.cache_ttl_s is not None:
         view["cache"] = {"ttl_s": job.cache_ttl_s}
+    if job.webhook_url is not None:
+        view["webhook"] = {"url": job.webhook_url}
     if job.cache_info is not None:
         view["cache_info"] = {
             "source_job_id": job.cache_info.source_job_id,
@@ -474,7 +478,7 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
         idempotency_key=key,
         request_hash=request_hash(body) if key is not None else None,
     )
-    job = await from_cache(app, job, spec.cache)
+    job = await from_cache(app, with_webhook(settings, job, spec.webhook), spec.cache)
     try:
         stored, created = await app[STORE].create(job)
     except OutcomeUnknown as exc:

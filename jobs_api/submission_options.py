@@ -1,7 +1,9 @@
-"""What the optional fields of a submission do before it is stored: `cache` (and `webhook`).
+"""What the optional fields of a submission do before it is stored: `webhook` and `cache`.
 
-`from_cache` marks a job for the result cache and, on a hit, completes it at once
-(`jobs_api.caching`); called by `routes.submit` between validation and `store.create`.
+Called by `routes.submit` between validation and `store.create`, in this order: `with_webhook`
+checks the URL against JOBS_WEBHOOK_ALLOWED_HOSTS (422 otherwise) and keeps it on the job, then
+`from_cache` marks the job for the result cache and, on a hit, completes it at once
+(`jobs_api.caching`); such a job's webhook is called too.
 """
 
 from __future__ import annotations
@@ -12,10 +14,24 @@ import orjson
 from aiohttp import web
 
 from jobs_api.caching import CacheSpec, cache_key, complete_from, tenant_of
+from jobs_api.config import JobsSettings
+from jobs_api.errors import ValidationFailed
 from jobs_api.keys import STORE
 from jobs_api.models import Job
+from jobs_api.webhooks import WebhookSpec, check_url
 
 log = logging.getLogger(__name__)
+
+
+def with_webhook(settings: JobsSettings, job: Job, spec: WebhookSpec | None) -> Job:
+    """The job with its webhook URL; ValidationFailed (422) for a URL that may not be called."""
+    if spec is None:
+        return job
+    try:
+        url = check_url(spec.url, settings.webhook_allowed_hosts)
+    except ValueError as exc:
+        raise ValidationFailed(f"webhook.url: {exc}") from None
+    return job.model_copy(update={"webhook_url": url})
 
 
 async def from_cache(app: web.Application, job: Job, spec: CacheSpec | None) -> Job:

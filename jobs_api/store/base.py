@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from jobs_api.caching import CacheEntry, CacheStats
 from jobs_api.models import MAX_JSON_DEPTH, Job, JobError, JobStatus, nested_deeper_than
+from jobs_api.webhooks import Delivery
 
 Mutation = Callable[[Job], Job]
 
@@ -270,3 +271,23 @@ class JobStore(ABC):
     @abstractmethod
     async def cache_sweep(self, now: float) -> int:
         """Drop entries that expired before `now`; how many."""
+
+    # --- webhook deliveries (jobs_api.webhooks) ---
+    # A delivery is recorded by the same write that ends a job with a webhook (`delivery_for`).
+
+    @abstractmethod
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Up to `limit` deliveries due at `now`, each put off to `now + lease_s` (so no other
+        process takes it meanwhile), soonest first."""
+
+    @abstractmethod
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Keep the delivery for its next attempt at `delivery.next_at`."""
+
+    @abstractmethod
+    async def webhook_delete(self, job_id: str) -> None:
+        """The job's delivery is over (delivered or given up)."""
+
+    @abstractmethod
+    async def webhook_pending(self) -> int:
+        """How many deliveries are waiting."""

@@ -71,6 +71,7 @@ from jobs_api.store.base import (
     redacted_url,
     undecodable,
 )
+from jobs_api.webhooks import Delivery, delivery_for
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,13 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMem
 
 # KEYS: 1 job, 2 events, 3 logs, 4 idempotency, 5 fair, 6 queue, 7 delayed, 8 leases,
 #   9 finished, 10 idx:all, 11 idx:tenant, 12 idx:status:old, 13 idx:tenant-status:old,
-#   14 idx:status:new, 15 idx:tenant-status:new
+#   14 idx:status:new, 15 idx:tenant-status:new, 16 webhook due, 17 the job's webhook delivery
 # ARGV: 1 expected version ('' = create), 2 job JSON, 3 id, 4 order member, 5 old status ('' on
 #   create), 6 new status, 7 tenant, 8 '1' if a queued job waits in `delayed` ('' = claimable at
 #   once, into the queue), 9 run_after, 10 queue score (-priority), 11 lease_until, 12 old finished
 #   member, 13 new finished member, 14 finished_at, 15 ttl seconds, 16 has idempotency key
-#   ('1'/'0'), 17 channel, 18 event count, then (type, time, data) for each event.
+#   ('1'/'0'), 17 channel, 18 event count, then (type, time, data) for each event, then the
+#   webhook delivery's JSON ('' for none) and its due time.
 # A Lua error would leave earlier writes in place, so every argument is checked in Python first.
 COMMIT: Final = """
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -176,6 +178,11 @@ if count > 0 then
   end
 end
 if count > 0 then redis.call('PUBLISH', ARGV[17], id) end
+local delivery = ARGV[19 + 3 * count]
+if delivery ~= '' and redis.call('EXISTS', KEYS[17]) == 0 then
+  redis.call('SET', KEYS[17], delivery)
+  redis.call('ZADD', KEYS[16], ARGV[20 + 3 * count], id)
+end
 if ARGV[13] ~= '' then
   local ttl = tonumber(ARGV[15])
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -249,6 +256,14 @@ return {redis.call('ZCARD', KEYS[1]), size, counts[1] or 0, counts[2] or 0}
 """
 
 
+# KEYS: 1 webhook due. ARGV: 1 now, 2 put off until, 3 limit. Returns the claimed job ids.
+WEBHOOK_CLAIM: Final = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+
 class _Unanswered(Exception):
     """A command was sent and no answer came: Redis may or may not have run it."""
 
@@ -267,6 +282,11 @@ class Keys:
         self.channel = f"{prefix}events"
 
         self.cache_tenants = f"{prefix}cache:tenants"
+        self.webhooks_due = f"{prefix}webhooks:due"
+
+    def webhook(self, job_id: str) -> str:
+        """The pending webhook delivery of a job (JSON)."""
+        return f"{self.prefix}webhook:{job_id}"
 
     def cache_entry(self, tenant: str, key: str) -> str:
         """The hash of one cached result (expires with its TTL)."""
@@ -445,6 +465,7 @@ class RedisJobStore(JobStore):
         self._delete_if = client.register_script(DELETE_IF)
         self._cache_put = client.register_script(CACHE_PUT)
         self._cache_stats = client.register_script(CACHE_STATS)
+        self._webhook_claim = client.register_script(WEBHOOK_CLAIM)
         try:
             await client.ping()
         except AuthenticationError as exc:
@@ -537,6 +558,8 @@ class RedisJobStore(JobStore):
             k.tenant_status_jobs(tenant, old),
             k.status_jobs(after.status),
             k.tenant_status_jobs(tenant, after.status),
+            k.webhooks_due,
+            k.webhook(after.id),
         ]
         args: list[str] = [
             version,
@@ -562,6 +585,9 @@ class RedisJobStore(JobStore):
         args.append(str(len(events)))
         for kind, data in events:
             args.extend((kind, repr(after.updated_at), orjson.dumps(data).decode()))
+        # Recorded with the change that ends the job: a crash cannot lose it.
+        delivery = delivery_for(before, after)
+        args.extend(("", "0") if delivery is None else (delivery.to_json(), _score(delivery.next_at)))
         if before is None:
             result = await self._send_once(COMMIT, self._commit.sha, keys, args)
         else:
@@ -951,3 +977,46 @@ class RedisJobStore(JobStore):
                         await pipe.execute()
             swept += len(gone)
         return swept
+
+    # --- webhook deliveries ---
+
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Due deliveries, put off by `lease_s` atomically (one script), so replicas share them."""
+        k = self.keys
+        async with self._unavailable():
+            ids = await self._webhook_claim(
+                keys=[k.webhooks_due], args=[_score(now), _score(now + lease_s), limit]
+            )
+        if not ids:
+            return []
+        async with self._unavailable():
+            rows = await self.redis.mget([k.webhook(str(i)) for i in ids])
+        claimed = []
+        for job_id, data in zip(ids, rows, strict=True):
+            if data is None:  # deleted meanwhile (delivered by another replica)
+                async with self._unavailable():
+                    await self.redis.zrem(k.webhooks_due, job_id)
+                continue
+            claimed.append(Delivery.from_json(data))
+        return claimed
+
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Store the delivery and its next attempt time together."""
+        k = self.keys
+        async with self._unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(k.webhook(delivery.job_id), delivery.to_json())
+            pipe.zadd(k.webhooks_due, {delivery.job_id: delivery.next_at})
+            await pipe.execute()
+
+    async def webhook_delete(self, job_id: str) -> None:
+        """Forget the job's delivery."""
+        k = self.keys
+        async with self._unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(k.webhooks_due, job_id)
+            pipe.delete(k.webhook(job_id))
+            await pipe.execute()
+
+    async def webhook_pending(self) -> int:
+        """Deliveries waiting."""
+        async with self._unavailable():
+            return int(await self.redis.zcard(self.keys.webhooks_due))

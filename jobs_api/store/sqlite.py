@@ -37,6 +37,7 @@ from jobs_api.store.base import (
     load_job,
     undecodable,
 )
+from jobs_api.webhooks import Delivery, delivery_for
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -87,6 +88,12 @@ CREATE TABLE IF NOT EXISTS result_cache (
     PRIMARY KEY (tenant, key)
 );
 CREATE INDEX IF NOT EXISTS result_cache_expiry ON result_cache (expires_at);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    job_id TEXT PRIMARY KEY,
+    next_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries (next_at);
 CREATE TABLE IF NOT EXISTS cache_counters (
     tenant TEXT PRIMARY KEY,
     hits INTEGER NOT NULL DEFAULT 0,
@@ -292,6 +299,12 @@ class SqliteJobStore(JobStore):
                 await db.execute("DELETE FROM write_probe")
 
     async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
+        delivery = delivery_for(before, after)
+        if delivery is not None:  # in the transaction that ends the job: a crash cannot lose it
+            await db.execute(
+                "INSERT OR IGNORE INTO webhook_deliveries (job_id, next_at, data) VALUES (?, ?, ?)",
+                (delivery.job_id, delivery.next_at, delivery.to_json()),
+            )
         events = event_for(before, after)
         for kind, data in events:
             # Numbered per job: an event id says nothing about other jobs (or tenants).
@@ -587,3 +600,39 @@ class SqliteJobStore(JobStore):
         async with self._write() as db:
             cursor = await db.execute("DELETE FROM result_cache WHERE expires_at <= ?", (now,))
             return int(cursor.rowcount)
+
+    # --- webhook deliveries ---
+
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Due deliveries, put off by `lease_s` in the same transaction."""
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT data FROM webhook_deliveries WHERE next_at <= ? ORDER BY next_at, job_id LIMIT ?",
+                (now, limit),
+            ) as cur:
+                rows = await cur.fetchall()
+            claimed = [Delivery.from_json(row[0]) for row in rows]
+            for delivery in claimed:
+                await db.execute(
+                    "UPDATE webhook_deliveries SET next_at = ? WHERE job_id = ?",
+                    (now + lease_s, delivery.job_id),
+                )
+        return claimed
+
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Store the delivery's attempts and next attempt time."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO webhook_deliveries (job_id, next_at, data) VALUES (?, ?, ?)",
+                (delivery.job_id, delivery.next_at, delivery.to_json()),
+            )
+
+    async def webhook_delete(self, job_id: str) -> None:
+        """Forget the job's delivery."""
+        async with self._write() as db:
+            await db.execute("DELETE FROM webhook_deliveries WHERE job_id = ?", (job_id,))
+
+    async def webhook_pending(self) -> int:
+        """Deliveries waiting."""
+        rows = await self._read("SELECT COUNT(*) FROM webhook_deliveries")
+        return int(rows[0][0])

@@ -78,7 +78,7 @@ StartApi = Callable[[], Awaitable[Api]]
 
 
 @pytest.fixture
-def start_api(aiohttp_client: AiohttpClient, jobs_settings: JobsSettingsFactory, store: JobStore) -> StartApi:
+def start_api(store: JobStore, aiohttp_client: AiohttpClient, jobs_settings: JobsSettingsFactory) -> StartApi:
     async def start() -> Api:
         echo = Echo()
         registry = default_registry()
