@@ -55,7 +55,7 @@ def _lifecycle(
         if not app[AUTH].enabled:
             log.warning(
                 "no API keys or JWT key configured: the jobs API is open to anyone who can reach it "
-                "(set JOBS_API_KEYS, JOBS_JWT_HS256_SECRET or JOBS_JWT_RS256_PUBLIC_KEY)"
+                "(set JOBS_API_KEYS, JOBS_JWT_HS256_SECRET, JOBS_JWT_RS256_PUBLIC_KEY or JOBS_JWT_JWKS_URL)"
             )
         store = given_store
         if store is None:

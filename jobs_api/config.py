@@ -74,6 +74,11 @@ class JobsSettings(BaseSettings):
     api_keys: dict[str, ApiKey] = Field(default_factory=dict)
     jwt_hs256_secret: SecretStr | None = None
     jwt_rs256_public_key: str | None = None
+    # JWKS endpoint of the token issuer (RS256/ES256 keys by `kid`, refetched for an unknown kid).
+    jwt_jwks_url: str | None = None
+    jwt_jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+    jwt_jwks_cache_s: float = Field(300.0, gt=0)
+    jwt_jwks_refresh_cooldown_s: float = Field(10.0, ge=0)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     # Claims read from a JWT: subject, organisation (tenant) and roles.
@@ -133,6 +138,15 @@ class JobsSettings(BaseSettings):
             raise ValueError("webhooks need a signing secret: set JOBS_WEBHOOK_SECRET=whsec_<base64>")
         return value
 
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"{value!r} is not an http(s) URL, e.g. https://issuer.example/.well-known/jwks.json"
+            )
+        return value
+
     @field_validator("gateway_url")
     @classmethod
     def _check_gateway_url(cls, value: str) -> str:
@@ -143,4 +157,9 @@ class JobsSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         """True when any credential is configured; otherwise the API runs open."""
-        return bool(self.api_keys) or self.jwt_hs256_secret is not None or bool(self.jwt_rs256_public_key)
+        return (
+            bool(self.api_keys)
+            or self.jwt_hs256_secret is not None
+            or bool(self.jwt_rs256_public_key)
+            or bool(self.jwt_jwks_url)
+        )

@@ -91,6 +91,13 @@ class StoreUnavailable(JobsError):
     error_type = "store_unavailable"
 
 
+class JwksUnavailable(JobsError):
+    """The JWKS endpoint that holds the token signing keys cannot be reached or read."""
+
+    status = 503
+    error_type = "jwks_unavailable"
+
+
 class OutcomeUnknown(JobsError):
     """A submission's write was sent, but the store never said whether it was applied.
 

@@ -245,7 +245,9 @@ async def content_type_middleware(request: web.Request, handler: Handler) -> web
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every /v1/ request; health, readiness and metrics stay open for probes."""
     if request.path.startswith("/v1/"):
-        request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[AUTH].authenticate_request(
+            request.headers.get("Authorization")
+        )
     return await handler(request)
 
 
