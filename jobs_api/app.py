@@ -18,15 +18,28 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from jobs_api.auth import Authenticator
+from jobs_api.cache_routes import add_cache_routes
 from jobs_api.config import JobsSettings
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
-from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
+from jobs_api.keys import (
+    AUTH,
+    CLOCK,
+    HANDLERS,
+    METRICS,
+    PROMETHEUS,
+    RUNNER,
+    SETTINGS,
+    STOPPING,
+    STORE,
+    WEBHOOKS,
+)
 from jobs_api.metrics import JobsMetrics
 from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
 from jobs_api.ui import add_ui_routes
+from jobs_api.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +56,7 @@ def _lifecycle(
         if not app[AUTH].enabled:
             log.warning(
                 "no API keys or JWT key configured: the jobs API is open to anyone who can reach it "
-                "(set JOBS_API_KEYS, JOBS_JWT_HS256_SECRET or JOBS_JWT_RS256_PUBLIC_KEY)"
+                "(set JOBS_API_KEYS, JOBS_JWT_HS256_SECRET, JOBS_JWT_RS256_PUBLIC_KEY or JOBS_JWT_JWKS_URL)"
             )
         store = given_store
         if store is None:
@@ -58,13 +71,17 @@ def _lifecycle(
         app[STORE] = store
         runner = JobRunner(store, settings, app[HANDLERS], app[METRICS], clock=app[CLOCK])
         app[RUNNER] = runner
+        webhooks = WebhookSender(store, settings, clock=app[CLOCK])
+        app[WEBHOOKS] = webhooks
         try:
             if start_runner:
                 await runner.start()
+                await webhooks.start()
             yield
         finally:
             try:
                 await runner.stop()
+                await webhooks.stop()
             finally:
                 if given_store is None:
                     await store.close()
@@ -107,4 +124,5 @@ def create_app(
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     add_ui_routes(app)
+    add_cache_routes(app)
     return app

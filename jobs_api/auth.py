@@ -1,4 +1,8 @@
-"""Who is calling: API keys and JWTs (HS256 or RS256) turned into a Principal with a tenant.
+"""Who is calling: API keys and JWTs (HS256, RS256, or RS256/ES256 keys of a JWKS endpoint)
+turned into a Principal with a tenant.
+
+With JOBS_JWT_JWKS_URL set, a token that names a `kid` (or whose algorithm has no static key) is
+verified with that key of the endpoint's set (`jobs_api.jwks`); other tokens with the static keys.
 
 A Principal sees only its own tenant's jobs; the `admin` role sees every tenant's. With no
 credential configured the API runs open: every caller is an anonymous principal without a tenant
@@ -19,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from jobs_api.config import JobsSettings
 from jobs_api.errors import Unauthorized
+from jobs_api.jwks import JwksKeys
 from jobs_api.models import Job
 
 ADMIN_ROLE = "admin"
@@ -99,16 +104,40 @@ class Authenticator:
             self._jwt_keys["HS256"] = secret
         if settings.jwt_rs256_public_key:
             self._jwt_keys["RS256"] = _load_rs256_key(settings.jwt_rs256_public_key)
+        self._jwks = (
+            JwksKeys(
+                settings.jwt_jwks_url,
+                timeout_s=settings.jwt_jwks_timeout_s,
+                cache_s=settings.jwt_jwks_cache_s,
+                refresh_cooldown_s=settings.jwt_jwks_refresh_cooldown_s,
+            )
+            if settings.jwt_jwks_url
+            else None
+        )
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._tenant_claim = settings.jwt_tenant_claim
         self._roles_claim = settings.jwt_roles_claim
         self._leeway_s = settings.jwt_leeway_s
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The caller behind an `Authorization: Bearer ...` header; raises Unauthorized."""
-        if not self.enabled:
-            return ANONYMOUS
+    async def authenticate_request(self, authorization: str | None) -> Principal:
+        """`authenticate`, and tokens signed with a JWKS key (which may need fetching the set).
+
+        Raises Unauthorized, or JwksUnavailable while the JWKS endpoint cannot be read.
+        """
+        if self._jwks is not None and self.enabled:
+            token = self._bearer(authorization)
+            if self._api_key(token) is None and token.count(".") == 2:
+                header = self._header(token)
+                alg, kid = header.get("alg"), header.get("kid")
+                if isinstance(kid, str) or alg not in self._jwt_keys:
+                    if not isinstance(kid, str) or not isinstance(alg, str):
+                        raise Unauthorized("invalid token: a JWKS-signed token needs 'kid' and 'alg' headers")
+                    key = await self._jwks.key(kid, alg)
+                    return self._decode(token, key.key, alg)
+        return self.authenticate(authorization)
+
+    def _bearer(self, authorization: str | None) -> str:
         if not authorization:
             raise Unauthorized("missing credentials: send Authorization: Bearer <API key or JWT>")
         scheme, _, token = authorization.strip().partition(" ")
@@ -121,6 +150,14 @@ class Authenticator:
         # printable ASCII, so anything else is refused before it is hashed or parsed.
         if not (token.isascii() and token.isprintable()):
             raise Unauthorized("malformed credentials: a Bearer token is printable ASCII")
+        return token
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an `Authorization: Bearer ...` header (API key or a JWT with a static
+        key); raises Unauthorized."""
+        if not self.enabled:
+            return ANONYMOUS
+        token = self._bearer(authorization)
         principal = self._api_key(token)
         if principal is not None:
             return principal
@@ -137,17 +174,24 @@ class Authenticator:
                 found = Principal(subject=f"key:{tenant}", tenant=tenant, roles=roles)
         return found
 
-    def _jwt(self, token: str) -> Principal:
+    @staticmethod
+    def _header(token: str) -> dict[str, Any]:
         try:
-            header = jwt.get_unverified_header(token)
+            return jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
+
+    def _jwt(self, token: str) -> Principal:
+        header = self._header(token)
         alg = header.get("alg")
         key = self._jwt_keys.get(alg) if isinstance(alg, str) else None
         if key is None or not isinstance(alg, str):
             raise Unauthorized(
                 f"invalid token: algorithm {alg!r} is not accepted ({', '.join(self._jwt_keys)})"
             )
+        return self._decode(token, key, alg)
+
+    def _decode(self, token: str, key: Any, alg: str) -> Principal:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

@@ -13,13 +13,12 @@ import logging
 import os
 import re
 import resource
-import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,6 +34,7 @@ from jobs_api.errors import JobsError
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
 from jobs_api.keys import STOPPING
+from jobs_api.progress_display import ProgressDisplay
 from jobs_api.server import JobsAppRunner, default_max_connections
 from jobs_api.store import open_store, redacted_url
 
@@ -44,9 +44,8 @@ log = logging.getLogger("jobs_api")
 
 PROG = "jobs-api"
 DEFAULT_URL = "http://127.0.0.1:8081"
-CLIENT_COMMANDS = ("submit", "status", "list", "cancel")
+CLIENT_COMMANDS = ("submit", "wait", "status", "list", "cancel")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "timed_out")
-BAR_WIDTH = 24
 
 
 def _version() -> str:
@@ -102,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="give up waiting after")
     submit.add_argument("--idempotency-key", metavar="KEY", help="submit at most once per key")
     _add_client_flags(submit)
+
+    follow = commands.add_parser("wait", help="follow a job with a progress bar; print its final JSON")
+    follow.add_argument("job_id", metavar="ID")
+    follow.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="give up waiting after")
+    _add_client_flags(follow)
 
     status = commands.add_parser("status", help="print a job as JSON")
     status.add_argument("job_id", metavar="ID")
@@ -292,52 +296,6 @@ def run_service(args: argparse.Namespace) -> int:
 # --- client commands ----------------------------------------------------------------------------
 
 
-def progress_line(snapshot: dict[str, Any], width: int) -> str:
-    """One line: bar, percent, status, phase and message, cut to `width` characters."""
-    progress = snapshot.get("progress") or {}
-    percent = float(progress.get("percent") or 0.0)
-    if snapshot.get("status") == "completed":
-        percent = 100.0
-    filled = round(BAR_WIDTH * max(0.0, min(percent, 100.0)) / 100)
-    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-    parts = [f"[{bar}] {percent:5.1f}%", str(snapshot.get("status", "?"))]
-    attempts = snapshot.get("attempts")
-    if isinstance(attempts, int) and attempts > 1:
-        parts.append(f"attempt {attempts}")
-    for key in ("phase", "message"):
-        if progress.get(key):
-            parts.append(str(progress[key]))
-    return "  ".join(parts)[: max(width - 1, 20)]
-
-
-class ProgressBar:
-    """A live one-line progress display on a terminal (or one line per change otherwise)."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
-        self.last = ""
-
-    def update(self, snapshot: dict[str, Any]) -> None:
-        """Show `snapshot` (a job or an event's data)."""
-        width = shutil.get_terminal_size((100, 20)).columns
-        line = progress_line(snapshot, width)
-        if line == self.last:
-            return
-        self.last = line
-        if self.live:
-            self.stream.write("\r\x1b[2K" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        """End the live line."""
-        if self.live and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def read_job_file(name: str) -> dict[str, Any]:
     """The job description in FILE.json ('-' for stdin); UsageError if unreadable."""
     try:
@@ -364,18 +322,36 @@ async def _submit(jobs: JobsClient, args: argparse.Namespace) -> int:
         print(job["id"], flush=True)
         return 0
     print(f"job {job['id']} submitted", file=sys.stderr, flush=True)
-    bar = ProgressBar(sys.stderr)
-    bar.update(job)
+    return await _follow(jobs, args, job)
+
+
+async def _follow(jobs: JobsClient, args: argparse.Namespace, job: dict[str, Any]) -> int:
+    """Show the job's progress on stderr until it ends; its final JSON on stdout."""
+    args.following = job["id"]  # for the Ctrl-C hint of run_client
+    display = ProgressDisplay(sys.stderr)
     try:
-        final = await jobs.wait(job["id"], args.timeout, on_update=bar.update)
-    except TimeoutError:
-        bar.finish()
-        print(f"{PROG}: job {job['id']} did not finish within {args.timeout:g} s", file=sys.stderr)
-        return 1
-    bar.update(final)
-    bar.finish()
+        display.update(job)
+        try:
+            final = await jobs.wait(job["id"], args.timeout, on_update=display.update)
+        except TimeoutError:
+            display.close()
+            print(f"{PROG}: job {job['id']} did not finish within {args.timeout:g} s", file=sys.stderr)
+            return 1
+        display.update(final)
+    finally:
+        display.close()
+    args.following = None
     _print_json(final)
     return 0 if final.get("status") == "completed" else 1
+
+
+def follow_hint(job_id: str, url: str, api_key_given: bool) -> str:
+    """What Ctrl-C while following prints: the job goes on, and the command to follow it again."""
+    command = f"{PROG} wait {job_id}"
+    if url != DEFAULT_URL:
+        command += f" --url {url}"
+    key = " (with your API key: --api-key or JOBS_API_KEY)" if api_key_given else ""
+    return f"{PROG}: stopped following; job {job_id} keeps running. Follow it again with: {command}{key}"
 
 
 async def client_command(args: argparse.Namespace) -> int:
@@ -385,6 +361,8 @@ async def client_command(args: argparse.Namespace) -> int:
     async with JobsClient(url, api_key=api_key) as jobs:
         if args.command == "submit":
             return await _submit(jobs, args)
+        if args.command == "wait":
+            return await _follow(jobs, args, await jobs.get(args.job_id))
         if args.command == "status":
             _print_json(await jobs.get(args.job_id))
         elif args.command == "cancel":
@@ -405,6 +383,12 @@ def run_client(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("JOBS_URL") or DEFAULT_URL
     try:
         status: int = run(lambda: client_command(args))
+    except KeyboardInterrupt:
+        following = getattr(args, "following", None)
+        if following:
+            api_key_given = bool(args.api_key or os.environ.get("JOBS_API_KEY"))
+            print("\n" + follow_hint(following, url.rstrip("/"), api_key_given), file=sys.stderr, flush=True)
+        return 130
     except JobsClientError as exc:
         print(f"{PROG}: {exc.status} {exc.type}: {exc.message}", file=sys.stderr)
         return 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobs_api.models import MAX_JSON_DEPTH
+from jobs_api.webhooks import load_secret, parse_allowed_host
 
 
 class ApiKey(BaseModel):
@@ -73,6 +74,11 @@ class JobsSettings(BaseSettings):
     api_keys: dict[str, ApiKey] = Field(default_factory=dict)
     jwt_hs256_secret: SecretStr | None = None
     jwt_rs256_public_key: str | None = None
+    # JWKS endpoint of the token issuer (RS256/ES256 keys by `kid`, refetched for an unknown kid).
+    jwt_jwks_url: str | None = None
+    jwt_jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+    jwt_jwks_cache_s: float = Field(300.0, gt=0)
+    jwt_jwks_refresh_cooldown_s: float = Field(10.0, ge=0)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     # Claims read from a JWT: subject, organisation (tenant) and roles.
@@ -80,6 +86,19 @@ class JobsSettings(BaseSettings):
     jwt_roles_claim: str = "roles"
     # Clock skew allowed between the token issuer and this service when checking exp, nbf and iat.
     jwt_leeway_s: float = Field(5.0, ge=0, le=300)
+    # Webhooks on completion (jobs_api.webhooks): the secret signs every call; only URLs whose host
+    # (or host:port) is listed may be called, and the list is empty by default.
+    webhook_secret: SecretStr | None = None
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # One attempt's limit, and how many calls run at once per process (never on a job worker).
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
+    webhook_concurrency: int = Field(8, ge=1, le=1024)
+    # Retries: webhook_retry_base_s, doubling, at most webhook_retry_max_s apart, for webhook_retry_for_s.
+    webhook_retry_base_s: float = Field(5.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_retry_for_s: float = Field(24 * 3600.0, gt=0)
+    # How often the store is asked for deliveries that are due.
+    webhook_poll_s: float = Field(1.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Event streams: a comment line this often keeps proxies and clients from closing an idle one,
     # and events written by another process are noticed within sse_poll_s (this process's at once).
@@ -96,6 +115,38 @@ class JobsSettings(BaseSettings):
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            load_secret(value.get_secret_value())
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for entry in value:
+            parse_allowed_host(entry)
+        if value and info.data.get("webhook_secret") is None:
+            raise ValueError("webhooks need a signing secret: set JOBS_WEBHOOK_SECRET=whsec_<base64>")
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"{value!r} is not an http(s) URL, e.g. https://issuer.example/.well-known/jwks.json"
+            )
+        return value
+
     @field_validator("gateway_url")
     @classmethod
     def _check_gateway_url(cls, value: str) -> str:
@@ -106,4 +157,9 @@ class JobsSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         """True when any credential is configured; otherwise the API runs open."""
-        return bool(self.api_keys) or self.jwt_hs256_secret is not None or bool(self.jwt_rs256_public_key)
+        return (
+            bool(self.api_keys)
+            or self.jwt_hs256_secret is not None
+            or bool(self.jwt_rs256_public_key)
+            or bool(self.jwt_jwks_url)
+        )

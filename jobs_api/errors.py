@@ -28,6 +28,13 @@ class Unauthorized(JobsError):
     error_type = "unauthorized"
 
 
+class Forbidden(JobsError):
+    """The caller is authenticated but its roles do not allow this (an admin-only endpoint)."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 class RequestTimeout(JobsError):
     """The client went silent while its request body was being read; the connection is closed."""
 
@@ -82,6 +89,13 @@ class StoreUnavailable(JobsError):
 
     status = 503
     error_type = "store_unavailable"
+
+
+class JwksUnavailable(JobsError):
+    """The JWKS endpoint that holds the token signing keys cannot be reached or read."""
+
+    status = 503
+    error_type = "jwks_unavailable"
 
 
 class OutcomeUnknown(JobsError):

@@ -19,11 +19,13 @@ from jobs_api.handlers import HandlerRegistry
 from jobs_api.metrics import JobsMetrics
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore
+from jobs_api.webhook_sender import WebhookSender
 
 SETTINGS: Final = web.AppKey("settings", JobsSettings)
 STORE: Final = web.AppKey("store", JobStore)
 HANDLERS: Final = web.AppKey("handlers", HandlerRegistry)
 RUNNER: Final = web.AppKey("runner", JobRunner)
+WEBHOOKS: Final = web.AppKey("webhooks", WebhookSender)
 METRICS: Final = web.AppKey("metrics", JobsMetrics)
 PROMETHEUS: Final = web.AppKey("prometheus", CollectorRegistry)
 AUTH: Final = web.AppKey("auth", Authenticator)

@@ -91,6 +91,15 @@ class JobError(BaseModel):
     status: int | None = None
 
 
+class CacheInfo(BaseModel):
+    """Where the result of a job completed from the result cache came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_job_id: str
+    cached_at: float
+
+
 class Job(BaseModel):
     """One job as stored: everything the API shows plus scheduling fields."""
 
@@ -120,6 +129,13 @@ class Job(BaseModel):
     cancel_requested: bool = False
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # Result cache: the submission's ttl_s and the key of its (tenant, type, input) (jobs_api.caching);
+    # cache_info is set on a job completed from the cache.
+    cache_ttl_s: float | None = None
+    cache_key: str | None = None
+    cache_info: CacheInfo | None = None
+    # Where to POST the job's outcome once it ends (jobs_api.webhooks).
+    webhook_url: str | None = None
 
     @property
     def deadline(self) -> float:

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs_api.auth import Principal
+from jobs_api.caching import CacheSpec
 from jobs_api.errors import (
     BadRequest,
     JobNotFound,
@@ -37,6 +38,8 @@ from jobs_api.errors import (
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
 from jobs_api.store import JobEvent, JobQuery, LogLevel
+from jobs_api.submission_options import from_cache, with_webhook
+from jobs_api.webhooks import WebhookSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
 MAX_EVENT_ID: Final = 2**63 - 1
 # Fields of a batch submission that describe the job rather than its input.
-JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
+JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata", "cache", "webhook")
 HTTP_ERROR_TYPES: Final = {
     400: "invalid_request",
     404: "not_found",
@@ -77,6 +80,8 @@ class JobSubmit(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=100)
     timeout_s: float | None = Field(None, gt=0)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    cache: CacheSpec | None = None
+    webhook: WebhookSpec | None = None
 
 
 # --- representation -----------------------------------------------------------------------------
@@ -134,6 +139,15 @@ def job_view(job: Job, *, with_input: bool = True) -> dict[str, Any]:
         view["input"] = job.input
     if job.status is JobStatus.COMPLETED:
         view["result"] = job.result
+    if job.cache_ttl_s is not None:
+        view["cache"] = {"ttl_s": job.cache_ttl_s}
+    if job.webhook_url is not None:
+        view["webhook"] = {"url": job.webhook_url}
+    if job.cache_info is not None:
+        view["cache_info"] = {
+            "source_job_id": job.cache_info.source_job_id,
+            "cached_at": rfc3339(job.cache_info.cached_at),
+        }
     error = _error_view(job)
     if error is not None:
         # On a job still running or queued for another attempt, this is why the last one failed.
@@ -231,7 +245,9 @@ async def content_type_middleware(request: web.Request, handler: Handler) -> web
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every /v1/ request; health, readiness and metrics stay open for probes."""
     if request.path.startswith("/v1/"):
-        request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[AUTH].authenticate_request(
+            request.headers.get("Authorization")
+        )
     return await handler(request)
 
 
@@ -464,6 +480,7 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
         idempotency_key=key,
         request_hash=request_hash(body) if key is not None else None,
     )
+    job = await from_cache(app, with_webhook(settings, job, spec.webhook), spec.cache)
     try:
         stored, created = await app[STORE].create(job)
     except OutcomeUnknown as exc:
@@ -475,7 +492,7 @@ async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
     if created:
         app[METRICS].submitted.labels(stored.type).inc()
         app[RUNNER].wake()
-        log.info("job %s (%s) queued for tenant %s", stored.id, stored.type, stored.tenant)
+        log.info("job %s (%s) %s for tenant %s", stored.id, stored.type, stored.status, stored.tenant)
     else:
         # IETF Idempotency-Key draft: a retried request gets the original response again.
         headers["Idempotent-Replayed"] = "true"

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pydantic_core
 
 from jobs_api.attempts import (
@@ -49,6 +50,7 @@ from jobs_api.attempts import (
     release,
     settle,
 )
+from jobs_api.caching import entry_for
 from jobs_api.config import JobsSettings
 from jobs_api.errors import JobNotFound, StoreUnavailable
 from jobs_api.handlers import HandlerRegistry, JobContext, PermanentError, RetryableError, backoff_s
@@ -403,6 +405,18 @@ class JobRunner:
             return
         self._observe(changed[0], after, end.kind)
         await self._log_attempt(after, end)
+        await self._cache(after, now)
+
+    async def _cache(self, job: Job, now: float) -> None:
+        """Store a completed job's result in the result cache if its submission asked for it."""
+        entry = entry_for(job, orjson.dumps(job.result).decode(), now)
+        if entry is None:
+            return
+        try:
+            await self.store.cache_put(entry)
+        except Exception:
+            # Only later submissions lose: they miss and run the job again.
+            log.exception("job %s: could not store its result in the cache", job.id)
 
     async def _record(
         self, job: Job, end: AttemptEnd, change: Callable[[Job], Job], ctx: JobContext | None
@@ -577,8 +591,12 @@ class JobRunner:
             self._observe(before[0], after, end)
 
     async def purge(self) -> None:
-        """Delete jobs that finished more than retention_s ago."""
-        count = await self.store.purge_finished(self.clock() - self.settings.retention_s)
+        """Delete jobs that finished more than retention_s ago, and expired cache entries."""
+        now = self.clock()
+        swept = await self.store.cache_sweep(now)
+        if swept:
+            log.debug("dropped %d expired result cache entries", swept)
+        count = await self.store.purge_finished(now - self.settings.retention_s)
         if count:
             log.info("purged %d jobs finished more than %g s ago", count, self.settings.retention_s)
 

@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import ValidationError
 
+from jobs_api.caching import CacheEntry, CacheStats
 from jobs_api.models import MAX_JSON_DEPTH, Job, JobError, JobStatus, nested_deeper_than
+from jobs_api.webhooks import Delivery
 
 Mutation = Callable[[Job], Job]
 
@@ -247,3 +249,45 @@ class JobStore(ABC):
     @abstractmethod
     async def purge_finished(self, before: float) -> int:
         """Delete jobs that finished before `before` (with their events and logs); returns count."""
+
+    # --- result cache (jobs_api.caching) ---
+
+    @abstractmethod
+    async def cache_lookup(self, tenant: str, key: str, now: float, max_age_s: float) -> CacheEntry | None:
+        """The tenant's live entry for `key` at most `max_age_s` old, or None; counts a hit or miss."""
+
+    @abstractmethod
+    async def cache_put(self, entry: CacheEntry) -> None:
+        """Store (or replace) the entry; it expires at `entry.expires_at`."""
+
+    @abstractmethod
+    async def cache_stats(self, tenant: str | None, now: float) -> CacheStats:
+        """Hits, misses, live entries and their bytes of one tenant (None: of every tenant)."""
+
+    @abstractmethod
+    async def cache_clear(self) -> int:
+        """Delete every tenant's entries (the hit and miss counts stay); how many there were."""
+
+    @abstractmethod
+    async def cache_sweep(self, now: float) -> int:
+        """Drop entries that expired before `now`; how many."""
+
+    # --- webhook deliveries (jobs_api.webhooks) ---
+    # A delivery is recorded by the same write that ends a job with a webhook (`delivery_for`).
+
+    @abstractmethod
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Up to `limit` deliveries due at `now`, each put off to `now + lease_s` (so no other
+        process takes it meanwhile), soonest first."""
+
+    @abstractmethod
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Keep the delivery for its next attempt at `delivery.next_at`."""
+
+    @abstractmethod
+    async def webhook_delete(self, job_id: str) -> None:
+        """The job's delivery is over (delivered or given up)."""
+
+    @abstractmethod
+    async def webhook_pending(self) -> int:
+        """How many deliveries are waiting."""

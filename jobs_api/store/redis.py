@@ -55,6 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from jobs_api.caching import CacheEntry, CacheStats, is_hit
 from jobs_api.errors import IdempotencyConflict, JobNotFound, OutcomeUnknown, StoreUnavailable
 from jobs_api.models import Job, JobStatus, transition
 from jobs_api.store.base import (
@@ -70,6 +71,7 @@ from jobs_api.store.base import (
     redacted_url,
     undecodable,
 )
+from jobs_api.webhooks import Delivery, delivery_for
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +101,13 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMem
 
 # KEYS: 1 job, 2 events, 3 logs, 4 idempotency, 5 fair, 6 queue, 7 delayed, 8 leases,
 #   9 finished, 10 idx:all, 11 idx:tenant, 12 idx:status:old, 13 idx:tenant-status:old,
-#   14 idx:status:new, 15 idx:tenant-status:new
+#   14 idx:status:new, 15 idx:tenant-status:new, 16 webhook due, 17 the job's webhook delivery
 # ARGV: 1 expected version ('' = create), 2 job JSON, 3 id, 4 order member, 5 old status ('' on
 #   create), 6 new status, 7 tenant, 8 '1' if a queued job waits in `delayed` ('' = claimable at
 #   once, into the queue), 9 run_after, 10 queue score (-priority), 11 lease_until, 12 old finished
 #   member, 13 new finished member, 14 finished_at, 15 ttl seconds, 16 has idempotency key
-#   ('1'/'0'), 17 channel, 18 event count, then (type, time, data) for each event.
+#   ('1'/'0'), 17 channel, 18 event count, then (type, time, data) for each event, then the
+#   webhook delivery's JSON ('' for none) and its due time.
 # A Lua error would leave earlier writes in place, so every argument is checked in Python first.
 COMMIT: Final = """
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -175,6 +178,11 @@ if count > 0 then
   end
 end
 if count > 0 then redis.call('PUBLISH', ARGV[17], id) end
+local delivery = ARGV[19 + 3 * count]
+if delivery ~= '' and redis.call('EXISTS', KEYS[17]) == 0 then
+  redis.call('SET', KEYS[17], delivery)
+  redis.call('ZADD', KEYS[16], ARGV[20 + 3 * count], id)
+end
 if ARGV[13] ~= '' then
   local ttl = tonumber(ARGV[15])
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -224,6 +232,38 @@ return 0
 """
 
 
+# KEYS: 1 entry hash, 2 tenant's index (key by expires_at), 3 tenant's sizes, 4 tenants set.
+# ARGV: 1 key, 2 source job, 3 result JSON, 4 cached_at, 5 expires_at, 6 ttl ms, 7 bytes, 8 tenant.
+CACHE_PUT: Final = """
+redis.call('HSET', KEYS[1], 'src', ARGV[2], 'result', ARGV[3], 'at', ARGV[4], 'exp', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
+redis.call('SADD', KEYS[4], ARGV[8])
+return 1
+"""
+
+# KEYS: 1 tenant's index, 2 tenant's sizes, 3 tenant's counters. ARGV: 1 now.
+# Drops index entries of expired keys (the entries themselves expired by TTL), then counts.
+CACHE_STATS: Final = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, key in ipairs(gone) do redis.call('HDEL', KEYS[2], key) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local size = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do size = size + tonumber(n) end
+local counts = redis.call('HMGET', KEYS[3], 'hits', 'misses')
+return {redis.call('ZCARD', KEYS[1]), size, counts[1] or 0, counts[2] or 0}
+"""
+
+
+# KEYS: 1 webhook due. ARGV: 1 now, 2 put off until, 3 limit. Returns the claimed job ids.
+WEBHOOK_CLAIM: Final = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+
 class _Unanswered(Exception):
     """A command was sent and no answer came: Redis may or may not have run it."""
 
@@ -240,6 +280,29 @@ class Keys:
         self.finished = f"{prefix}finished"
         self.all_jobs = f"{prefix}idx:all"
         self.channel = f"{prefix}events"
+
+        self.cache_tenants = f"{prefix}cache:tenants"
+        self.webhooks_due = f"{prefix}webhooks:due"
+
+    def webhook(self, job_id: str) -> str:
+        """The pending webhook delivery of a job (JSON)."""
+        return f"{self.prefix}webhook:{job_id}"
+
+    def cache_entry(self, tenant: str, key: str) -> str:
+        """The hash of one cached result (expires with its TTL)."""
+        return f"{self.prefix}cache:entry:{quote(tenant, safe='')}:{key}"
+
+    def cache_index(self, tenant: str) -> str:
+        """A tenant's cache keys by expires_at (for stats and clearing)."""
+        return f"{self.prefix}cache:idx:{quote(tenant, safe='')}"
+
+    def cache_sizes(self, tenant: str) -> str:
+        """A tenant's cache keys and the bytes of their results."""
+        return f"{self.prefix}cache:size:{quote(tenant, safe='')}"
+
+    def cache_counters(self, tenant: str) -> str:
+        """A tenant's cache hits and misses."""
+        return f"{self.prefix}cache:count:{quote(tenant, safe='')}"
 
     def job(self, job_id: str) -> str:
         """The hash holding the job's JSON and version."""
@@ -400,6 +463,9 @@ class RedisJobStore(JobStore):
         self._append_log = client.register_script(APPEND_LOG)
         self._purge = client.register_script(PURGE)
         self._delete_if = client.register_script(DELETE_IF)
+        self._cache_put = client.register_script(CACHE_PUT)
+        self._cache_stats = client.register_script(CACHE_STATS)
+        self._webhook_claim = client.register_script(WEBHOOK_CLAIM)
         try:
             await client.ping()
         except AuthenticationError as exc:
@@ -492,6 +558,8 @@ class RedisJobStore(JobStore):
             k.tenant_status_jobs(tenant, old),
             k.status_jobs(after.status),
             k.tenant_status_jobs(tenant, after.status),
+            k.webhooks_due,
+            k.webhook(after.id),
         ]
         args: list[str] = [
             version,
@@ -517,6 +585,9 @@ class RedisJobStore(JobStore):
         args.append(str(len(events)))
         for kind, data in events:
             args.extend((kind, repr(after.updated_at), orjson.dumps(data).decode()))
+        # Recorded with the change that ends the job: a crash cannot lose it.
+        delivery = delivery_for(before, after)
+        args.extend(("", "0") if delivery is None else (delivery.to_json(), _score(delivery.next_at)))
         if before is None:
             result = await self._send_once(COMMIT, self._commit.sha, keys, args)
         else:
@@ -815,3 +886,137 @@ class RedisJobStore(JobStore):
                     purged += int(await self._purge(keys=keys, args=[member, order, job_id]))
             if len(members) < SCAN_CHUNK:
                 return purged
+
+    # --- result cache ---
+
+    async def cache_lookup(self, tenant: str, key: str, now: float, max_age_s: float) -> CacheEntry | None:
+        """The live entry (Redis expires entries by TTL); counts the lookup."""
+        k = self.keys
+        async with self._unavailable():
+            raw: dict[Any, Any] = await self.redis.hgetall(k.cache_entry(tenant, key))
+        entry = None
+        if raw:
+            entry = CacheEntry(
+                tenant, key, str(raw["src"]), str(raw["result"]), float(raw["at"]), float(raw["exp"])
+            )
+            if not is_hit(entry, now, max_age_s):
+                entry = None
+        async with self._unavailable(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(k.cache_counters(tenant), "hits" if entry else "misses", 1)
+            pipe.sadd(k.cache_tenants, tenant)  # the admin's stats add up every tenant in this set
+            await pipe.execute()
+        return entry
+
+    async def cache_put(self, entry: CacheEntry) -> None:
+        """Store the entry with a key TTL that ends at its expiry."""
+        k = self.keys
+        ttl_ms = max(1, math.ceil((entry.expires_at - entry.cached_at) * 1000))
+        keys = [
+            k.cache_entry(entry.tenant, entry.key),
+            k.cache_index(entry.tenant),
+            k.cache_sizes(entry.tenant),
+            k.cache_tenants,
+        ]
+        args = [
+            entry.key,
+            entry.source_job_id,
+            entry.result_json,
+            repr(entry.cached_at),
+            repr(entry.expires_at),
+            str(ttl_ms),
+            str(entry.size),
+            entry.tenant,
+        ]
+        async with self._unavailable():
+            await self._cache_put(keys=keys, args=args)
+
+    async def _cache_tenants(self, tenant: str | None) -> list[str]:
+        if tenant is not None:
+            return [tenant]
+        async with self._unavailable():
+            members = await self.redis.smembers(self.keys.cache_tenants)
+        return sorted(str(m) for m in members)
+
+    async def cache_stats(self, tenant: str | None, now: float) -> CacheStats:
+        """Counts of one tenant (None: every tenant that ever looked up or stored an entry)."""
+        k = self.keys
+        total = CacheStats()
+        for name in await self._cache_tenants(tenant):
+            keys = [k.cache_index(name), k.cache_sizes(name), k.cache_counters(name)]
+            async with self._unavailable():
+                entries, size, hits, misses = await self._cache_stats(keys=keys, args=[_score(now)])
+            total += CacheStats(int(hits), int(misses), int(entries), int(size))
+        return total
+
+    async def cache_clear(self) -> int:
+        """Delete every tenant's entries and indexes."""
+        k = self.keys
+        deleted = 0
+        for name in await self._cache_tenants(None):
+            async with self._unavailable():
+                members = await self.redis.zrange(k.cache_index(name), 0, -1)
+            for start in range(0, len(members), SCAN_CHUNK):
+                chunk = [k.cache_entry(name, str(m)) for m in members[start : start + SCAN_CHUNK]]
+                async with self._unavailable():
+                    deleted += int(await self.redis.unlink(*chunk))
+            async with self._unavailable():
+                await self.redis.unlink(k.cache_index(name), k.cache_sizes(name))
+        return deleted
+
+    async def cache_sweep(self, now: float) -> int:
+        """Drop index entries of expired results (the results themselves expire by key TTL)."""
+        k = self.keys
+        swept = 0
+        for name in await self._cache_tenants(None):
+            async with self._unavailable():
+                gone = await self.redis.zrangebyscore(k.cache_index(name), "-inf", _score(now))
+                if gone:
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.hdel(k.cache_sizes(name), *gone)
+                        pipe.zrem(k.cache_index(name), *gone)
+                        await pipe.execute()
+            swept += len(gone)
+        return swept
+
+    # --- webhook deliveries ---
+
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Due deliveries, put off by `lease_s` atomically (one script), so replicas share them."""
+        k = self.keys
+        async with self._unavailable():
+            ids = await self._webhook_claim(
+                keys=[k.webhooks_due], args=[_score(now), _score(now + lease_s), limit]
+            )
+        if not ids:
+            return []
+        async with self._unavailable():
+            rows = await self.redis.mget([k.webhook(str(i)) for i in ids])
+        claimed = []
+        for job_id, data in zip(ids, rows, strict=True):
+            if data is None:  # deleted meanwhile (delivered by another replica)
+                async with self._unavailable():
+                    await self.redis.zrem(k.webhooks_due, job_id)
+                continue
+            claimed.append(Delivery.from_json(data))
+        return claimed
+
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Store the delivery and its next attempt time together."""
+        k = self.keys
+        async with self._unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(k.webhook(delivery.job_id), delivery.to_json())
+            pipe.zadd(k.webhooks_due, {delivery.job_id: delivery.next_at})
+            await pipe.execute()
+
+    async def webhook_delete(self, job_id: str) -> None:
+        """Forget the job's delivery."""
+        k = self.keys
+        async with self._unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(k.webhooks_due, job_id)
+            pipe.delete(k.webhook(job_id))
+            await pipe.execute()
+
+    async def webhook_pending(self) -> int:
+        """Deliveries waiting."""
+        async with self._unavailable():
+            return int(await self.redis.zcard(self.keys.webhooks_due))

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import orjson
 
+from jobs_api.caching import CacheEntry, CacheStats, is_hit
 from jobs_api.errors import IdempotencyConflict, JobNotFound, StoreUnavailable
 from jobs_api.models import Job, JobStatus, transition
 from jobs_api.store.base import (
@@ -36,6 +37,7 @@ from jobs_api.store.base import (
     load_job,
     undecodable,
 )
+from jobs_api.webhooks import Delivery, delivery_for
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -75,6 +77,28 @@ CREATE TABLE IF NOT EXISTS fair_tenants (
     PRIMARY KEY (priority, tenant)
 );
 CREATE TABLE IF NOT EXISTS write_probe (data BLOB);
+CREATE TABLE IF NOT EXISTS result_cache (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    source_job_id TEXT NOT NULL,
+    result TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    cached_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS result_cache_expiry ON result_cache (expires_at);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    job_id TEXT PRIMARY KEY,
+    next_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries (next_at);
+CREATE TABLE IF NOT EXISTS cache_counters (
+    tenant TEXT PRIMARY KEY,
+    hits INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0
+);
 """
 # Columns a file made by an earlier version lacks: (table, column, definition, how to fill it).
 # Old events keep their store-wide id as their number, so a client's Last-Event-ID still fits.
@@ -275,6 +299,12 @@ class SqliteJobStore(JobStore):
                 await db.execute("DELETE FROM write_probe")
 
     async def _record(self, db: aiosqlite.Connection, before: Job | None, after: Job) -> bool:
+        delivery = delivery_for(before, after)
+        if delivery is not None:  # in the transaction that ends the job: a crash cannot lose it
+            await db.execute(
+                "INSERT OR IGNORE INTO webhook_deliveries (job_id, next_at, data) VALUES (?, ?, ?)",
+                (delivery.job_id, delivery.next_at, delivery.to_json()),
+            )
         events = event_for(before, after)
         for kind, data in events:
             # Numbered per job: an event id says nothing about other jobs (or tenants).
@@ -507,3 +537,102 @@ class SqliteJobStore(JobStore):
                 await db.execute("DELETE FROM logs WHERE job_id = ?", (job_id,))
                 await db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return len(ids)
+
+    # --- result cache ---
+
+    async def cache_lookup(self, tenant: str, key: str, now: float, max_age_s: float) -> CacheEntry | None:
+        """The live entry (expired ones are ignored here and swept later); counts the lookup."""
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT source_job_id, result, cached_at, expires_at FROM result_cache "
+                "WHERE tenant = ? AND key = ?",
+                (tenant, key),
+            ) as cur:
+                row = await cur.fetchone()
+            entry = None if row is None else CacheEntry(tenant, key, row[0], row[1], row[2], row[3])
+            if entry is not None and not is_hit(entry, now, max_age_s):
+                entry = None
+            column = "hits" if entry is not None else "misses"
+            await db.execute(
+                f"INSERT INTO cache_counters (tenant, {column}) VALUES (?, 1) "
+                f"ON CONFLICT (tenant) DO UPDATE SET {column} = {column} + 1",
+                (tenant,),
+            )
+        return entry
+
+    async def cache_put(self, entry: CacheEntry) -> None:
+        """Store (or replace) the tenant's entry for its key."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO result_cache "
+                "(tenant, key, source_job_id, result, bytes, cached_at, expires_at) VALUES (?,?,?,?,?,?,?)",
+                (
+                    entry.tenant,
+                    entry.key,
+                    entry.source_job_id,
+                    entry.result_json,
+                    entry.size,
+                    entry.cached_at,
+                    entry.expires_at,
+                ),
+            )
+
+    async def cache_stats(self, tenant: str | None, now: float) -> CacheStats:
+        """Counts of one tenant (None: all); entries past their expiry are not counted."""
+        where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
+        counters = await self._read(f"SELECT SUM(hits), SUM(misses) FROM cache_counters {where}", params)
+        live = await self._read(
+            f"SELECT COUNT(*), SUM(bytes) FROM result_cache {where or 'WHERE 1'} AND expires_at > ?",
+            (*params, now),
+        )
+        hits, misses = counters[0]
+        entries, size = live[0]
+        return CacheStats(int(hits or 0), int(misses or 0), int(entries or 0), int(size or 0))
+
+    async def cache_clear(self) -> int:
+        """Delete every entry."""
+        async with self._write() as db:
+            cursor = await db.execute("DELETE FROM result_cache")
+            return int(cursor.rowcount)
+
+    async def cache_sweep(self, now: float) -> int:
+        """Delete entries past their expiry."""
+        async with self._write() as db:
+            cursor = await db.execute("DELETE FROM result_cache WHERE expires_at <= ?", (now,))
+            return int(cursor.rowcount)
+
+    # --- webhook deliveries ---
+
+    async def webhook_claim(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        """Due deliveries, put off by `lease_s` in the same transaction."""
+        async with self._write() as db:
+            async with db.execute(
+                "SELECT data FROM webhook_deliveries WHERE next_at <= ? ORDER BY next_at, job_id LIMIT ?",
+                (now, limit),
+            ) as cur:
+                rows = await cur.fetchall()
+            claimed = [Delivery.from_json(row[0]) for row in rows]
+            for delivery in claimed:
+                await db.execute(
+                    "UPDATE webhook_deliveries SET next_at = ? WHERE job_id = ?",
+                    (now + lease_s, delivery.job_id),
+                )
+        return claimed
+
+    async def webhook_save(self, delivery: Delivery) -> None:
+        """Store the delivery's attempts and next attempt time."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO webhook_deliveries (job_id, next_at, data) VALUES (?, ?, ?)",
+                (delivery.job_id, delivery.next_at, delivery.to_json()),
+            )
+
+    async def webhook_delete(self, job_id: str) -> None:
+        """Forget the job's delivery."""
+        async with self._write() as db:
+            await db.execute("DELETE FROM webhook_deliveries WHERE job_id = ?", (job_id,))
+
+    async def webhook_pending(self) -> int:
+        """Deliveries waiting."""
+        rows = await self._read("SELECT COUNT(*) FROM webhook_deliveries")
+        return int(rows[0][0])
