@@ -352,14 +352,15 @@ class Proxy:
             raise BadRequest("the request path has '..' segments; send a normalised path")
         deadline = self._deadline(fields, ex)
         if self._admission.needed:
+            ex.admitted = Admitted()
+            # The caller first: nothing, not even the model list, is answered without a key.
+            ex.admitted.caller = self._admission.identify(
+                fields.get(b"authorization"), fields.get(b"api-key")
+            )
             listing = self._admission.listing(request.method, request.path)
             if listing is not None:
                 responder.send(200, b"Content-Type: application/json\r\n", listing)
                 return 200
-            ex.admitted = Admitted()
-            ex.admitted.caller = self._admission.identify(
-                fields.get(b"authorization"), fields.get(b"api-key")
-            )
         body = _Body(None, True)
         try:
             await self._read_body(request, fields, body)

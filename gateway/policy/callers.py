@@ -1,10 +1,11 @@
 """Callers of a shared gateway: who is calling (by key), what model they may use, how fast.
 
-A key is compared as its SHA-256 against every configured caller's digest with
-`hmac.compare_digest`, without stopping at a match, so the time taken says nothing about which
-key or how much of it matched. Limits per caller: `max_inflight` requests at once, and
-`requests_per_minute` as a token bucket that holds ten seconds' worth (at least one request),
-so a caller can burst briefly but not spend a minute's allowance at once. Pure: time comes in.
+A key is looked up by its SHA-256: the digest, not the key, is what a lookup's timing could
+reveal, and a SHA-256 says nothing usable about its preimage (the reason to store only
+digests). The match is then confirmed with `hmac.compare_digest`. Limits per caller:
+`max_inflight` requests at once, and `requests_per_minute` as a token bucket that holds ten
+seconds' worth (at least one request), so a caller can burst briefly but not spend a minute's
+allowance at once. Pure: time comes in.
 """
 
 from __future__ import annotations
@@ -71,22 +72,22 @@ def _caller(cfg: CallerSettings, now: float) -> Caller:
 class Callers:
     """The configured callers."""
 
-    __slots__ = ("by_name", "callers")
+    __slots__ = ("_by_digest", "by_name", "callers")
 
     def __init__(self, configured: list[CallerSettings], now: float) -> None:
         self.callers = tuple(_caller(c, now) for c in configured)
         self.by_name = {c.name: c for c in self.callers}
+        self._by_digest = {c.digest: c for c in self.callers}
 
     def identify(self, key: bytes | None) -> Caller | None:
-        """The caller whose key this is, or None; in time independent of which one matched."""
+        """The caller whose key this is, or None (one digest and one lookup, however many callers)."""
         if not key:
             return None
         digest = hashlib.sha256(key).digest()
-        found = None
-        for caller in self.callers:
-            if hmac.compare_digest(digest, caller.digest):
-                found = caller
-        return found
+        caller = self._by_digest.get(digest)
+        if caller is None or not hmac.compare_digest(digest, caller.digest):
+            return None
+        return caller
 
     @staticmethod
     def over_limit(caller: Caller, now: float) -> float | None:

@@ -11,7 +11,6 @@ Pure: settings and bytes in, decisions and bytes out.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,22 +40,40 @@ def read_model(body: bytes | bytearray) -> ModelField | None:
     return ModelField(parsed, parsed.get("model"))
 
 
+_KEY = b'"model"'
+_SPACE = b" \t\r\n"
+
+
 def rewrite_model(body: bytes | bytearray, field: ModelField, new: str) -> bytes:
-    """`body` with its top-level model set to `new`, every other byte left alone where possible."""
+    """`body` with its top-level model set to `new`, every other byte left alone where possible.
+
+    The value is replaced in place when `"model"` occurs once in the body, followed by a colon
+    and the old value written as orjson writes it (a nested `"model"` key, or another spelling of
+    the value, would make that unsafe); otherwise the body is re-serialised.
+    """
     old = field.value
     if old == new:
         return bytes(body)
-    pattern = re.compile(rb'"model"\s*:\s*' + re.escape(orjson.dumps(old)))
-    found = pattern.findall(body)
-    if len(found) == 1:  # only the top-level key: a nested one would match as well
-        return pattern.sub(lambda _: b'"model":' + orjson.dumps(new), bytes(body), count=1)
+    data = bytes(body)
+    at = data.find(_KEY)
+    if at != -1 and data.find(_KEY, at + len(_KEY)) == -1:
+        i = at + len(_KEY)
+        while i < len(data) and data[i] in _SPACE:
+            i += 1
+        if i < len(data) and data[i] == 0x3A:  # ':'
+            i += 1
+            while i < len(data) and data[i] in _SPACE:
+                i += 1
+            value = orjson.dumps(old)
+            if data.startswith(value, i):
+                return data[:i] + orjson.dumps(new) + data[i + len(value) :]
     return orjson.dumps({**field.parsed, "model": new})
 
 
 class ModelRouting:
     """The model map of one gateway."""
 
-    __slots__ = ("_aliases", "_fallbacks", "_maps", "enabled", "labels", "wildcards")
+    __slots__ = ("_aliases", "_chains", "_fallbacks", "_maps", "_served", "enabled", "labels", "wildcards")
 
     def __init__(self, settings: GatewaySettings) -> None:
         self._maps: tuple[dict[str, str] | None, ...] = tuple(up.models for up in settings.upstreams)
@@ -64,8 +81,10 @@ class ModelRouting:
         self.wildcards = any(m is None for m in self._maps)  # some upstream serves every model
         self._aliases = dict(settings.model_aliases)
         self._fallbacks = {k: tuple(v) for k, v in settings.model_fallbacks.items()}
-        served = {name for m in self._maps if m is not None for name in m}
-        self.labels = frozenset(served | set(self._aliases))
+        self._served = frozenset(name for m in self._maps if m is not None for name in m)
+        self.labels = frozenset(self._served | set(self._aliases))
+        # Each model's chain, worked out once: this runs for every routed request.
+        self._chains = {m: self._chain(m) for m in self._served}
 
     def resolve(self, asked: str) -> str:
         """The model an asked-for name means (aliases resolved)."""
@@ -73,10 +92,14 @@ class ModelRouting:
 
     def known(self, model: str) -> bool:
         """True when some upstream serves `model` (declared, or an upstream serving everything)."""
-        return self.wildcards or any(m is not None and model in m for m in self._maps)
+        return self.wildcards or model in self._served
 
     def chain(self, model: str) -> tuple[str, ...]:
         """`model` and its fallbacks, in the order they are tried; unknown fallbacks left out."""
+        chain = self._chains.get(model)
+        return self._chain(model) if chain is None else chain
+
+    def _chain(self, model: str) -> tuple[str, ...]:
         fallbacks = [self.resolve(f) for f in self._fallbacks.get(model, ())]
         return tuple(dict.fromkeys([model, *(f for f in fallbacks if self.known(f))]))
 

@@ -172,3 +172,15 @@ def test_token_bucket_refills_at_its_rate() -> None:
 )
 def test_presented_key(authorization: bytes | None, api_key: bytes | None, key: bytes | None) -> None:
     assert presented_key(authorization, api_key) == key
+
+
+async def test_the_model_list_needs_a_caller_key_too(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    a = await start_mock("a")
+    gw = await start_gateway({"name": "a", "url": a.url, "models": ["llama-3-70b"]}, callers=callers())
+    async with gw.client.get("/v1/models") as resp:
+        assert resp.status == 401
+    async with gw.client.get("/v1/models", headers=bearer(ALICE)) as resp:
+        assert resp.status == 200
+        assert [m["id"] for m in (await resp.json())["data"]] == ["llama-3-70b"]

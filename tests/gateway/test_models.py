@@ -49,9 +49,7 @@ async def test_two_providers_with_different_names_for_one_model(
     assert headers["X-Gateway-Model"] == "llama-3-70b"
     assert answer["model"] == "meta-llama/Llama-3-70B-Instruct"  # left as the upstream sent it
     # Only the model's value changed; every other byte of the body is as the client sent it.
-    assert b.stats.last_body == raw.replace(
-        b'"model": "llama-3-70b"', b'"model":"meta-llama/Llama-3-70B-Instruct"'
-    )
+    assert b.stats.last_body == raw.replace(b'"llama-3-70b"', b'"meta-llama/Llama-3-70B-Instruct"')
 
 
 async def test_an_upstream_serves_only_its_models(start_mock: StartMock, start_gateway: StartGateway) -> None:
@@ -296,4 +294,4 @@ def test_rewrite_changes_only_the_top_level_model() -> None:
     body = b'{"messages": [], "model" : "x", "n": 1}'
     found = read_model(body)
     assert found is not None
-    assert rewrite_model(body, found, "y") == b'{"messages": [], "model":"y", "n": 1}'
+    assert rewrite_model(body, found, "y") == b'{"messages": [], "model" : "y", "n": 1}'
