@@ -124,6 +124,8 @@ class Gateway:
             self._sweeper = None
         await self.prober.stop()
         await self.load_poller.stop()
+        if self.proxy.front_door is not None:
+            await self.proxy.front_door.close()
         for client in self.clients:
             client.close()
 

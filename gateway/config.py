@@ -332,6 +332,23 @@ class UsageSettings(_Frozen):
     include_usage_injection: bool = False
 
 
+class JobsFrontDoorSettings(_Frozen):
+    """The async front door: `Prefer: respond-async` requests become jobs of this jobs API."""
+
+    url: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value!r} is not an http(s) URL of the jobs API")
+        return str(url).rstrip("/")
+
+
 class RetrySettings(_Frozen):
     """When and how often a failed attempt is tried again on another upstream."""
 
@@ -465,6 +482,7 @@ class GatewaySettings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     saturation: SaturationSettings = SaturationSettings()
     usage: UsageSettings = UsageSettings()
+    jobs: JobsFrontDoorSettings = JobsFrontDoorSettings()
     affinity: AffinitySettings = AffinitySettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()

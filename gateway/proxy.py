@@ -44,6 +44,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.front_door import PREFER, AsyncFrontDoor, FrontDoorError, wants_async
 from gateway.http.client import ConnectError, UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.http.headers import (
     NO_STATIC,
@@ -305,6 +306,10 @@ class Proxy:
         self._priority_field = sat.priority_header.lower().encode()
         pool.on_load = self._saturation.wake
         extra = (t.deadline_header, aff.header, sat.priority_header) if self._engine else (t.deadline_header,)
+        front = settings.jobs
+        self.front_door = None if front.url is None else AsyncFrontDoor(front.url, front.timeout_s)
+        if self.front_door is not None:
+            extra = (*extra, "Prefer", "Authorization", "api-key")
         self._fields = RequestFieldReader(extra=extra, consume=consume)
         self._access_log = settings.access_log
         # Request ids: a random per-process prefix and a counter; as unique as uuid4 in practice
@@ -364,6 +369,8 @@ class Proxy:
         body = _Body(None, True)
         try:
             await self._read_body(request, fields, body)
+            if self.front_door is not None and wants_async(fields.get(PREFER)):
+                return await self._submit_as_job(request, fields, responder, body)
             if self._inject_usage and request.method == b"POST":
                 self._ask_for_usage(request, body, ex)
             admitted = ex.admitted
@@ -401,6 +408,23 @@ class Proxy:
             return await self._attempts(request, fields, responder, ex, body, deadline)
         finally:
             caller.inflight -= 1
+
+    async def _submit_as_job(
+        self, request: Request, fields: RequestFields, responder: Responder, body: _Body
+    ) -> int:
+        """`Prefer: respond-async`: hand the request to the jobs API and answer its 202 at once."""
+        assert self.front_door is not None
+        data = body.data
+        if data is not None and not isinstance(data, (bytes, bytearray)):
+            raise BadRequest("the request body is too large to submit as a job")
+        try:
+            answer = await self.front_door.submit(request.method, request.target, data, fields.captured)
+        except FrontDoorError as exc:
+            payload = {"error": {"type": exc.error_type, "message": exc.message}}
+            responder.send(exc.status, b"Content-Type: application/json\r\n", orjson.dumps(payload))
+            return exc.status
+        responder.send(answer.status, answer.fields, answer.body)
+        return answer.status
 
     @staticmethod
     def _ask_for_usage(request: Request, body: _Body, ex: _Exchange) -> None:
