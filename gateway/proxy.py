@@ -158,6 +158,7 @@ class _Exchange:
     ttft: float | None = None  # seconds to the first content event (or headers, not a stream)
     fault: str | None = None  # whose fault a non-2xx answer is: client, upstream or gateway
     injected_usage: bool = False  # the gateway asked for usage the client did not: strip it
+    per_token_pending: bool = False  # the latest attempt's latency sample waits for its usage
 
     @property
     def upstream(self) -> Upstream | None:
@@ -852,7 +853,12 @@ class Proxy:
         retry_after = None
         if outcome is Outcome.RATE_LIMITED:
             retry_after = parse_retry_after(field_value(resp.fields, b"retry-after"), self._wall_clock())
-        self._pool.record(up, outcome, now, ttfb, retry_after)
+        # A JSON answer that is not a stream came after its whole generation: its latency sample
+        # is taken per output token once the body's usage is read (_relay_body), so a long answer
+        # does not make the engine look slow.
+        per_token = outcome is Outcome.SUCCESS and not is_stream and _is_json(out)
+        self._pool.record(up, outcome, now, None if per_token else ttfb, retry_after)
+        ex.per_token_pending = per_token
         um.outcomes[outcome].inc()
         if not is_stream:
             um.ttft.observe(ttfb)  # the whole generation, for a response that is not a stream
@@ -1014,6 +1020,7 @@ class Proxy:
             responder.end()
             if want_usage:
                 ex.usage = _usage_in_tail(data)
+            self._per_token_sample(up, ex)
             return
         if data:
             await self._write(responder, data, ex)
@@ -1039,6 +1046,15 @@ class Proxy:
         responder.end()
         if want_usage:
             ex.usage = _usage_in_tail(tail)
+        self._per_token_sample(up, ex)
+
+    def _per_token_sample(self, up: Upstream, ex: _Exchange) -> None:
+        """The deferred latency sample of a JSON answer: time to it per completion token."""
+        if not ex.per_token_pending or ex.ttft is None:
+            return
+        ex.per_token_pending = False
+        tokens = 0 if ex.usage is None else ex.usage[1]
+        self._pool.record_latency(up, ex.ttft / tokens if tokens > 0 else ex.ttft, self._clock())
 
     async def _relay_events(
         self,

@@ -308,16 +308,23 @@ class Pool:
         up: Upstream,
         outcome: Outcome,
         now: float,
-        latency_s: float,
+        latency_s: float | None,
         retry_after_s: float | None = None,
     ) -> None:
-        """Fold one attempt's outcome into the upstream's health and latency estimate."""
+        """Fold one attempt's outcome into the upstream's health and latency estimate.
+
+        `latency_s` None: the sample comes later (`record_latency`), once the body tells it.
+        """
         # Health first: if this outcome ends an ejection, the reset to a neutral prior happens
         # before the sample, so the real sample replaces the prior instead of being discarded.
         self._notify(up, up.health.record(outcome, now, retry_after_s), now)
-        if outcome is not Outcome.RATE_LIMITED:
+        if outcome is not Outcome.RATE_LIMITED and latency_s is not None:
             sample = max(latency_s, FAILURE_PENALTY_S) if is_failure(outcome) else latency_s
             up.ewma.observe(sample, now)
+
+    def record_latency(self, up: Upstream, sample_s: float, now: float) -> None:
+        """A latency sample known only after the response's body (time per output token)."""
+        up.ewma.observe(sample_s, now)
 
     def record_load(self, up: Upstream, report: EngineLoad) -> None:
         """An engine's own load report (ORCA header or polled metrics)."""

@@ -140,3 +140,16 @@ async def test_usage_injection_counts_tokens_and_keeps_the_clients_stream_as_ask
     asked = {**body, "stream_options": {"include_usage": True}}
     async with gw.client.post("/v1/chat/completions", json=asked) as r:
         assert b'"usage"' in await r.read()  # asked for: passed on
+
+
+async def test_a_long_json_answer_does_not_make_its_engine_look_slow(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    # 0.2 s for 40 tokens: the latency sample is per output token (5 ms), not 0.2 s.
+    a = await start_mock("a", latency_s=0.2, stream_chunks=40)
+    gw = await start_gateway(a.spec)
+    async with gw.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 40}) as r:
+        assert r.status == 200
+        await r.read()
+    estimate = gw.state.pool.by_name["a"].latency_s
+    assert 0.004 <= estimate <= 0.02
