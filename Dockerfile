@@ -15,9 +15,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
+# Dependencies first (with the optional OpenTelemetry ones), in their own layer: it is rebuilt
+# only when pyproject.toml changes.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > requirements.txt \
     && pip install -r requirements.txt
 # Then the source; --no-deps keeps this layer to the project itself.
 COPY README.md ./

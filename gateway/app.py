@@ -126,6 +126,8 @@ class Gateway:
         await self.load_poller.stop()
         if self.proxy.front_door is not None:
             await self.proxy.front_door.close()
+        if self.proxy.tracing is not None:
+            await asyncio.to_thread(self.proxy.tracing.shutdown)  # flushes spans: not on the loop
         for client in self.clients:
             client.close()
 

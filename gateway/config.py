@@ -349,6 +349,25 @@ class JobsFrontDoorSettings(_Frozen):
         return str(url).rstrip("/")
 
 
+class TracingSettings(_Frozen):
+    """Opt-in OpenTelemetry traces, sent over OTLP/HTTP."""
+
+    otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4318/v1/traces; unset: off
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str = Field("failover-gateway", min_length=1)
+    export_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value!r} is not an http(s) URL of an OTLP/HTTP traces endpoint")
+        return value
+
+
 class RetrySettings(_Frozen):
     """When and how often a failed attempt is tried again on another upstream."""
 
@@ -483,6 +502,7 @@ class GatewaySettings(BaseSettings):
     saturation: SaturationSettings = SaturationSettings()
     usage: UsageSettings = UsageSettings()
     jobs: JobsFrontDoorSettings = JobsFrontDoorSettings()
+    tracing: TracingSettings = TracingSettings()
     affinity: AffinitySettings = AffinitySettings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()

@@ -24,9 +24,11 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import orjson
 from prometheus_client import Histogram
+from yarl import URL
 
 from gateway.admission import Admission, Admitted, ModelRoute
 from gateway.config import AffinityKey, GatewaySettings, LoadReport, Strategy, StreamCommit
@@ -71,6 +73,7 @@ from gateway.retry_gate import RetryGate
 from gateway.saturation_gate import SaturationGate
 from gateway.stream.continuation import Transcript, continuation_body, splice
 from gateway.stream.events import Event, EventScanner, Kind
+from gateway.tracing import Tracing
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
@@ -159,6 +162,8 @@ class _Exchange:
     fault: str | None = None  # whose fault a non-2xx answer is: client, upstream or gateway
     injected_usage: bool = False  # the gateway asked for usage the client did not: strip it
     per_token_pending: bool = False  # the latest attempt's latency sample waits for its usage
+    span: Any = None  # the request's trace span, when tracing is on
+    response_model: str | None = None  # the model the answer names (traced requests only)
 
     @property
     def upstream(self) -> Upstream | None:
@@ -176,7 +181,7 @@ class _Attempt:
     the slot, the response, the upstream's counts.
     """
 
-    __slots__ = ("_gate", "_started", "forwarded", "held", "response", "sent_at", "upstream")
+    __slots__ = ("_gate", "_started", "forwarded", "held", "response", "sent_at", "span", "upstream")
 
     def __init__(self, upstream: Upstream, gate: RetryGate | None, now: float) -> None:
         self.upstream = upstream
@@ -186,6 +191,7 @@ class _Attempt:
         self.sent_at = now  # when the request went out (after any backoff)
         self.held = False  # a stream held until its first content event; not recorded yet
         self.forwarded: ResponseFields | None = None  # the response's fields as the client gets them
+        self.span: Any = None  # the attempt's trace span, when tracing is on
 
     def __enter__(self) -> _Attempt:
         self.upstream.attempt_started(self, self._started)
@@ -211,6 +217,8 @@ class _Attempt:
             self.response = None
             response.close()
         self.upstream.attempt_ended(self)
+        if self.span is not None:
+            self.span.end()
 
 
 class ReplayBuffers:
@@ -307,6 +315,10 @@ class Proxy:
         self._priority_field = sat.priority_header.lower().encode()
         pool.on_load = self._saturation.wake
         extra = (t.deadline_header, aff.header, sat.priority_header) if self._engine else (t.deadline_header,)
+        self.tracing = None if settings.tracing.otlp_endpoint is None else Tracing(settings.tracing)
+        self._attempt_attributes = [_server_attributes(up) for up in pool.upstreams]
+        if self.tracing is not None:
+            consume = (*consume, "traceparent", "tracestate")  # continued, with our own span ids
         front = settings.jobs
         self.front_door = None if front.url is None else AsyncFrontDoor(front.url, front.timeout_s)
         if self.front_door is not None:
@@ -323,6 +335,12 @@ class Proxy:
         fields = self._fields.read(request.fields)
         request_id = fields.get(b"x-request-id") or b"%b%016x" % (self._id_prefix, next(self._ids))
         ex = _Exchange(request_id, self._clock())
+        if self.tracing is not None:
+            ex.span = self.tracing.request_span(
+                fields.get(b"traceparent"),
+                fields.get(b"tracestate"),
+                {"http.request.method": request.method.decode("latin-1"), "url.path": request.path},
+            )
         self._retry_gate.request_started()
         status = 499
         try:
@@ -346,6 +364,8 @@ class Proxy:
                 metrics.error_faults[ex.fault].inc()
             if ex.usage is not None and ex.upstream is not None:
                 self._count_usage(ex)
+            if ex.span is not None:
+                self._end_request_span(ex, status)
             if ex.admitted is not None:
                 self._count_admitted(ex.admitted, status, ex.ttft)
             if self._access_log:
@@ -445,6 +465,22 @@ class Proxy:
         body.data = orjson.dumps(found.parsed)
         ex.injected_usage = True
 
+    def _end_request_span(self, ex: _Exchange, status: int) -> None:
+        span = ex.span
+        span.set_attribute("http.response.status_code", status)
+        span.set_attribute("gateway.attempts", ex.attempts)
+        route = None if ex.admitted is None else ex.admitted.route
+        if route is not None:
+            span.set_attribute("gen_ai.request.model", route.asked)
+        if ex.response_model is not None:
+            span.set_attribute("gen_ai.response.model", ex.response_model)
+        if ex.usage is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", ex.usage[0])
+            span.set_attribute("gen_ai.usage.output_tokens", ex.usage[1])
+        if ex.upstream is not None:
+            span.set_attribute("gateway.upstream", ex.upstream.name)
+        span.end()
+
     def _count_usage(self, ex: _Exchange) -> None:
         assert ex.usage is not None and ex.upstream is not None
         admitted = ex.admitted
@@ -537,6 +573,9 @@ class Proxy:
         """
         up = attempt.upstream
         block = self._upstream_fields(request, fields, ex, up)
+        if ex.span is not None and self.tracing is not None:
+            attempt.span, lines = self.tracing.attempt_span(ex.span, self._attempt_attributes[up.index])
+            block += lines
         same_upstream = up in ex.tried
         ex.attempts += 1
         ex.tried.append(up)
@@ -829,6 +868,8 @@ class Proxy:
             else:
                 self._pool.record(up, outcome, now, now - started)
             um.outcomes[outcome].inc()
+            if attempt.span is not None:
+                attempt.span.set_attribute("gateway.outcome", outcome.value)
             detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise _AttemptFailed(outcome, detail, hit) from None
         except asyncio.CancelledError:
@@ -839,8 +880,17 @@ class Proxy:
             raise
         if resp.resent and not idempotent:
             ex.attempts += 1
+        self._headers_in(attempt, request, resp, ex, hold_stream)
+        return resp
+
+    def _headers_in(
+        self, attempt: _Attempt, request: Request, resp: UpstreamResponse, ex: _Exchange, hold_stream: bool
+    ) -> None:
+        """An attempt's response headers arrived: record them (a held stream later, at its output)."""
+        up = attempt.upstream
+        um = self._metrics.per_upstream[up.name]
         now = self._clock()
-        ttfb = now - started
+        ttfb = now - attempt.sent_at
         ex.waited += ttfb
         um.ttfb.observe(ttfb)
         status = resp.status
@@ -848,7 +898,7 @@ class Proxy:
         is_stream = _is_event_stream(out)
         if hold_stream and 200 <= status < 300 and is_stream and request.method != b"HEAD":
             attempt.held = True
-            return resp
+            return
         outcome = classify_status(status)
         retry_after = None
         if outcome is Outcome.RATE_LIMITED:
@@ -859,13 +909,15 @@ class Proxy:
         per_token = outcome is Outcome.SUCCESS and not is_stream and _is_json(out)
         self._pool.record(up, outcome, now, None if per_token else ttfb, retry_after)
         ex.per_token_pending = per_token
+        if attempt.span is not None:
+            attempt.span.set_attribute("gateway.outcome", outcome.value)
+            attempt.span.set_attribute("http.response.status_code", status)
         um.outcomes[outcome].inc()
         if not is_stream:
             um.ttft.observe(ttfb)  # the whole generation, for a response that is not a stream
             ex.ttft = ttfb
         if self._orca[up.index]:
             self._read_orca(up, resp, now)
-        return resp
 
     def _read_orca(self, up: Upstream, resp: UpstreamResponse, now: float) -> None:
         value = field_value(resp.fields, ORCA_HEADER)
@@ -931,6 +983,10 @@ class Proxy:
         now = self._clock()
         ex.waited += now - held_from
         um = self._metrics.per_upstream[up.name]
+        if attempt.span is not None:
+            attempt.span.set_attribute(
+                "gateway.outcome", (Outcome.SUCCESS if detail is None else outcome).value
+            )
         if detail is None:
             ttft = ex.ttft = now - attempt.sent_at
             attempt.headers_in()
@@ -1015,6 +1071,8 @@ class Proxy:
         """Relay a body that is not an event stream, chunk by chunk; note the usage of a JSON one."""
         data = resp.take_buffered()
         want_usage = resp.status < 300 and _is_json(out)
+        if ex.span is not None and want_usage:
+            ex.response_model = _model_in_head(data)
         if resp.complete:
             await self._write(responder, data, ex)
             responder.end()
@@ -1077,6 +1135,8 @@ class Proxy:
         else:
             scanner, events = start.scanner, start.events
         failure = await self._pump(responder, resp, scanner, events, transcript, None, ex, up)
+        if isinstance(transcript.model, str):
+            ex.response_model = transcript.model
         while failure is not None:
             self._stream_failed(up, failure)
             continued = await self._continue(request, fields, responder, ex, body, transcript)
@@ -1351,6 +1411,20 @@ def _usage_in_tail(tail: bytes) -> tuple[int, int] | None:
     if not prompt and not completion:
         return None
     return (int(prompt[-1]) if prompt else 0, int(completion[-1]) if completion else 0)
+
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+
+def _model_in_head(data: bytes) -> str | None:
+    """The `model` an OpenAI-style JSON answer names near its start (traced requests only)."""
+    match = _MODEL_FIELD.search(data, 0, 2048)
+    return None if match is None else match.group(1).decode("utf-8", "replace")
+
+
+def _server_attributes(up: Upstream) -> dict[str, Any]:
+    url = URL(up.base_url)
+    return {"server.address": url.host or "", "server.port": url.port or 0, "gateway.upstream": up.name}
 
 
 def _usage_only(event: Event) -> bool:
