@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.config import check_header_name
+from jobs_api.batches import BATCH_TYPE, ItemStatus
 from jobs_api.handlers import (
     HandlerRegistry,
     JobContext,
@@ -77,12 +78,17 @@ async def run_inference(ctx: JobContext) -> dict[str, Any]:
 
 
 class _Batch:
-    """Book-keeping of one batch attempt: outcomes by index and counts."""
+    """Book-keeping of one batch attempt: each item's status and outcome, and the counts.
+
+    Every item's start and end is stored with the progress (`items=`), so `GET /v1/batches/{id}`
+    shows which items run and which are done while the batch runs.
+    """
 
     def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
         self.ctx = ctx
         self.spec = spec
         self.outcomes: list[dict[str, Any] | None] = [None] * len(spec.items)
+        self.statuses = [ItemStatus.QUEUED] * len(spec.items)
         self.completed = 0
         self.failed = 0
         self.first_failure: int | None = None
@@ -91,17 +97,22 @@ class _Batch:
     async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
         async with limit:
             if self.spec.fail_fast and self.first_failure is not None:
-                return  # skipped: an earlier item already failed the batch
+                self.statuses[index] = ItemStatus.SKIPPED  # an earlier item already failed the batch
+                return
+            self.statuses[index] = ItemStatus.RUNNING
+            await self._report()
             item = self.spec.items[index]
             try:
                 result = await self._call_with_retries(item)
             except (RetryableError, PermanentError) as exc:
                 self.outcomes[index] = {"index": index, "status": "failed", "error": exc_error(exc)}
+                self.statuses[index] = ItemStatus.FAILED
                 self.failed += 1
                 if self.first_failure is None:
                     self.first_failure = index
             else:
                 self.outcomes[index] = {"index": index, "status": "completed", "result": result}
+                self.statuses[index] = ItemStatus.COMPLETED
                 self.completed += 1
             await self._report()
 
@@ -126,7 +137,7 @@ class _Batch:
             total = len(self.spec.items)
             done = self.completed + self.failed
             message = f"{self.completed} completed, {self.failed} failed, {total} total"
-            await self.ctx.progress(100.0 * done / total, message)
+            await self.ctx.progress(100.0 * done / total, message, items=list(self.statuses))
 
     def result(self) -> dict[str, Any]:
         items = [
@@ -180,7 +191,7 @@ async def run_batch(ctx: JobContext) -> dict[str, Any]:
 def register(registry: HandlerRegistry) -> None:
     """Register the built-in types, like a JOBS_HANDLERS module registers its own."""
     registry.register("inference", run_inference, input_model=InferenceInput)
-    registry.register("batch", run_batch, input_model=BatchInput)
+    registry.register(BATCH_TYPE, run_batch, input_model=BatchInput)
 
 
 def default_registry(handler_paths: Sequence[str] = ()) -> HandlerRegistry:
