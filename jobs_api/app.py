@@ -23,7 +23,8 @@ from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.metrics import JobsMetrics
-from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
+from jobs_api.operations import add_routes
+from jobs_api.routes import auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
 

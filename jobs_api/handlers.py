@@ -325,6 +325,10 @@ class HandlerRegistry:
         """Registered type names, sorted."""
         return sorted(self._handlers)
 
+    def input_model(self, type_name: str) -> type[BaseModel] | None:
+        """The input model of `type_name` (None: any JSON object); raises KeyError if unknown."""
+        return self._handlers[type_name][1]
+
     def validate_input(self, type_name: str, data: Any) -> dict[str, Any]:
         """The normalized input for a job of `type_name` (defaults filled in).
 

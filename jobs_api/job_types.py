@@ -25,14 +25,21 @@ from jobs_api.handlers import (
 
 
 class InferenceInput(BaseModel):
-    """One request to send through the gateway."""
+    """One request to send through the gateway; strict like the job around it (no coercion)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str = Field("POST", pattern=r"^[A-Za-z]{3,10}$")
-    path: str
+    # The validators below check these; the patterns say the same in the OpenAPI document.
+    path: str = Field(json_schema_extra={"pattern": "^/([^/]|$)"})
     body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
+            "additionalProperties": {"type": "string", "pattern": "^[\t\u0020-\u007e\u0080-\u00ff]*$"},
+        },
+    )
 
     @field_validator("method")
     @classmethod
@@ -62,9 +69,9 @@ class InferenceInput(BaseModel):
 
 
 class BatchInput(BaseModel):
-    """Many inference requests run as one job."""
+    """Many inference requests run as one job; strict (`"parallel_limit": "4"` is refused)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     items: list[InferenceInput] = Field(min_length=1, max_length=1000)
     parallel_limit: int = Field(4, ge=1, le=64)

@@ -20,10 +20,11 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from jobs_api.auth import Principal
-from jobs_api.batches import BATCH_TYPE, ItemStatus, batch_items, counts, item_count, item_outcome
+from jobs_api.batches import BATCH_TYPE, ItemStatus, batch_items, item_count, item_outcome
+from jobs_api.batches import counts as item_counts
 from jobs_api.errors import (
     BadRequest,
     JobNotFound,
@@ -37,6 +38,7 @@ from jobs_api.errors import (
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
+from jobs_api.schemas import JOB_FIELDS, JobSubmit
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,6 @@ READ_CHUNK: Final = 64 * 1024
 WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
 MAX_EVENT_ID: Final = 2**63 - 1
-# Fields of a batch submission that describe the job rather than its input.
-JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata")
 HTTP_ERROR_TYPES: Final = {
     400: "invalid_request",
     404: "not_found",
@@ -65,19 +65,6 @@ HTTP_ERROR_TYPES: Final = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class JobSubmit(BaseModel):
-    """The body of `POST /v1/jobs`; strict: no coercion of strings to numbers."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    type: str = Field(min_length=1, max_length=64)
-    input: dict[str, Any]
-    priority: int = Field(0, ge=-1000, le=1000)
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    timeout_s: float | None = Field(None, gt=0)
-    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 # --- representation -----------------------------------------------------------------------------
@@ -112,7 +99,7 @@ def batch_view(job: Job) -> dict[str, Any]:
         "progress": job.progress.model_dump(),
         "attempts": job.attempts,
         "total": len(items),
-        "counts": counts([ItemStatus(item["status"]) for item in items]),
+        "counts": item_counts([ItemStatus(item["status"]) for item in items]),
         "items": items,
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
@@ -123,7 +110,8 @@ def batch_view(job: Job) -> dict[str, Any]:
     if error is not None:
         view["error" if job.status.terminal else "last_error"] = error
     links = job_links(job)
-    view["links"] = {**links, "self": links.pop("batch"), "job": links["self"]}
+    batch_url = links.pop("batch")
+    view["links"] = {**links, "self": batch_url, "job": links["self"]}
     return view
 
 
@@ -782,23 +770,3 @@ async def metrics(request: web.Request) -> web.Response:
         request.app[METRICS].queued.set(counts.get(JobStatus.QUEUED, 0))
     body = generate_latest(request.app[PROMETHEUS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_routes(app: web.Application) -> None:
-    """Register every route of the jobs API on `app`."""
-    app.on_response_prepare.append(mark_response_started)
-    r = app.router
-    r.add_post("/v1/jobs", create_job)
-    r.add_get("/v1/jobs", list_jobs)
-    r.add_post("/v1/batches", create_batch)
-    r.add_get("/v1/batches/{batch_id}", get_batch)
-    r.add_get("/v1/batches/{batch_id}/items/{index}", get_batch_item)
-    r.add_get("/v1/jobs/{job_id}", get_job)
-    r.add_delete("/v1/jobs/{job_id}", cancel_job)
-    r.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
-    r.add_get("/v1/jobs/{job_id}/result", get_result)
-    r.add_get("/v1/jobs/{job_id}/events", job_events)
-    r.add_get("/v1/jobs/{job_id}/logs", job_logs)
-    r.add_get("/healthz", healthz)
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
