@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 import pytest
+from playwright.async_api import async_playwright
 
 from tests.conftest import AiohttpClient
 from tests.jobs_api.conftest import JobsSettingsFactory
@@ -48,8 +49,6 @@ def chromium_or_skip() -> str:
 @pytest.mark.timeout(60)
 async def test_docs_page_renders_every_operation_offline(start_jobs: StartJobs) -> None:
     executable = chromium_or_skip()
-    from playwright.async_api import async_playwright
-
     jobs = await start_jobs(start_runner=False, api_keys={"key-a": {"tenant": "a"}})
     doc: dict[str, Any] = await (await jobs.client.get("/openapi.json")).json()
     operation_ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
