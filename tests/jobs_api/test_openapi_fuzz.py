@@ -4,8 +4,9 @@ The service runs as its own process on a free loopback port, with API keys, in f
 `mock-inference` process (jobs really run). schemathesis reads /openapi.json and runs every
 phase (examples, coverage, fuzzing, stateful through the documented links) with every check:
 no 5xx, every status documented, every body, header and SSE event conforming to its schema,
-invalid data refused, auth not ignored. Bounded by examples per operation and a timeout.
-`schemathesis.toml` beside this file lists the few refusals that are by design.
+invalid data refused, auth not ignored (all but use_after_free, see below). Bounded by the
+examples per operation and a deadline. `schemathesis.toml` beside this file lists the few
+refusals that are by design.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def test_schemathesis_finds_no_failures(store_url: tuple[str, dict[str, str]], t
                 f"{base}/openapi.json",
                 "--checks",
                 "all",
+                # DELETE /v1/jobs/{id} cancels a job and keeps it (documented), so the job is still
+                # there afterwards; use_after_free assumes a DELETE removes its resource. (On the
+                # command line: `--checks all` overrides `enabled = false` in the config file.)
+                "--exclude-checks",
+                "use_after_free",
                 "--max-examples",
                 str(MAX_EXAMPLES),
                 "--seed",
