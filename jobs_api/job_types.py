@@ -84,11 +84,16 @@ async def run_inference(ctx: JobContext) -> dict[str, Any]:
     return await ctx.call(spec.method, spec.path, json=spec.body, headers=spec.headers)
 
 
+# An item's start is stored by the next write, or at the latest this long after it started: short
+# items (the common case) then cost no write of their own, and a long one shows as running soon.
+START_REPORT_DELAY_S = 0.25
+
+
 class _Batch:
     """Book-keeping of one batch attempt: each item's status and outcome, and the counts.
 
-    Every item's start and end is stored with the progress (`items=`), so `GET /v1/batches/{id}`
-    shows which items run and which are done while the batch runs.
+    Every item's end is stored with the progress (`items=`), and its start soon after, so
+    `GET /v1/batches/{id}` shows which items run and which are done while the batch runs.
     """
 
     def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
@@ -100,6 +105,9 @@ class _Batch:
         self.failed = 0
         self.first_failure: int | None = None
         self.report = asyncio.Lock()
+        self.changes = 0  # item status changes so far
+        self.written = 0  # how many of them the last progress write carried
+        self.start_report: asyncio.Task[None] | None = None
 
     async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
         async with limit:
@@ -107,7 +115,9 @@ class _Batch:
                 self.statuses[index] = ItemStatus.SKIPPED  # an earlier item already failed the batch
                 return
             self.statuses[index] = ItemStatus.RUNNING
-            await self._report()
+            self.changes += 1
+            if self.start_report is None or self.start_report.done():
+                self.start_report = asyncio.create_task(self._report_starts_later())
             item = self.spec.items[index]
             try:
                 result = await self._call_with_retries(item)
@@ -121,7 +131,19 @@ class _Batch:
                 self.outcomes[index] = {"index": index, "status": "completed", "result": result}
                 self.statuses[index] = ItemStatus.COMPLETED
                 self.completed += 1
+            self.changes += 1
             await self._report()
+
+    async def _report_starts_later(self) -> None:
+        await asyncio.sleep(START_REPORT_DELAY_S)
+        if self.written < self.changes:
+            await self._report()
+
+    async def stop(self) -> None:
+        """Cancel a pending start report (the attempt is over)."""
+        if self.start_report is not None:
+            self.start_report.cancel()
+            await asyncio.gather(self.start_report, return_exceptions=True)
 
     async def _call_with_retries(self, item: InferenceInput) -> dict[str, Any]:
         # Items retry on their own, so one flaky item does not re-run the whole batch.
@@ -144,6 +166,7 @@ class _Batch:
             total = len(self.spec.items)
             done = self.completed + self.failed
             message = f"{self.completed} completed, {self.failed} failed, {total} total"
+            self.written = self.changes
             await self.ctx.progress(100.0 * done / total, message, items=list(self.statuses))
 
     def result(self) -> dict[str, Any]:
@@ -183,6 +206,7 @@ async def run_batch(ctx: JobContext) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await batch.stop()
     if spec.fail_fast and batch.first_failure is not None:
         failed = batch.outcomes[batch.first_failure]
         assert failed is not None
