@@ -18,7 +18,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from jobs_api.auth import Authenticator
-from jobs_api.cache_routes import add_cache_routes
 from jobs_api.config import JobsSettings
 from jobs_api.handlers import HandlerRegistry
 from jobs_api.job_types import default_registry
@@ -35,10 +34,10 @@ from jobs_api.keys import (
     WEBHOOKS,
 )
 from jobs_api.metrics import JobsMetrics
-from jobs_api.routes import add_routes, auth_middleware, content_type_middleware, error_middleware
+from jobs_api.operations import add_routes
+from jobs_api.routes import auth_middleware, content_type_middleware, error_middleware
 from jobs_api.runner import JobRunner
 from jobs_api.store import JobStore, open_store
-from jobs_api.ui import add_ui_routes
 from jobs_api.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -123,6 +122,4 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle(store, start_runner))
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
-    add_ui_routes(app)
-    add_cache_routes(app)
     return app

@@ -25,7 +25,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -36,7 +36,7 @@ from gateway.http.headers import parse_retry_after
 from jobs_api.attempts import owns
 from jobs_api.config import JobsSettings
 from jobs_api.errors import StoreUnavailable, ValidationFailed
-from jobs_api.models import Job, JobError, Progress
+from jobs_api.models import ItemProgress, Job, JobError, Progress
 from jobs_api.store.base import JobStore, LogLevel, LogLine
 
 __all__ = [
@@ -161,7 +161,7 @@ class JobContext:
         self.rng = rng or random.Random()
         self.cancelled = cancelled or asyncio.Event()
         # What could not be stored yet because the store was unavailable.
-        self._unsaved_progress: tuple[Progress, float] | None = None
+        self._unsaved_progress: tuple[Progress, ItemProgress | None, float] | None = None
         self._unsaved_logs: list[LogLine] = []
         self._flushing = asyncio.Lock()
 
@@ -170,22 +170,39 @@ class JobContext:
         """The job's validated input."""
         return self.job.input
 
-    async def progress(self, percent: float, message: str | None = None, phase: str | None = None) -> None:
+    async def progress(
+        self,
+        percent: float,
+        message: str | None = None,
+        phase: str | None = None,
+        *,
+        items: Sequence[str] | None = None,
+    ) -> None:
         """Record progress (percent 0-100, clamped): stored before returning, or kept until the
-        store answers again."""
+        store answers again.
+
+        `items` is the status of each item of a fan-out job (what `GET /v1/batches/{id}` shows
+        while a batch runs); None keeps the statuses stored before.
+        """
         if percent != percent:  # NaN
             raise ValueError("progress percent must be a number between 0 and 100, got NaN")
         progress = Progress(percent=min(100.0, max(0.0, float(percent))), message=message, phase=phase)
-        self._unsaved_progress = (progress, self.clock())
+        item_progress = None
+        if items is not None:
+            item_progress = ItemProgress(attempt=self.job.attempts, statuses=tuple(items))
+        self._unsaved_progress = (progress, item_progress, self.clock())
         await self.flush()
 
-    async def _store_progress(self, progress: Progress, now: float) -> None:
+    async def _store_progress(self, progress: Progress, items: ItemProgress | None, now: float) -> None:
         attempt = self.job
+        update: dict[str, Any] = {"progress": progress, "updated_at": now}
+        if items is not None:
+            update["item_progress"] = items
 
         def change(job: Job) -> Job:
             if not owns(job, attempt):
                 return job
-            return job.model_copy(update={"progress": progress, "updated_at": now})
+            return job.model_copy(update=update)
 
         await self.store.mutate(self.job.id, change)
 
@@ -307,6 +324,10 @@ class HandlerRegistry:
     def types(self) -> list[str]:
         """Registered type names, sorted."""
         return sorted(self._handlers)
+
+    def input_model(self, type_name: str) -> type[BaseModel] | None:
+        """The input model of `type_name` (None: any JSON object); raises KeyError if unknown."""
+        return self._handlers[type_name][1]
 
     def validate_input(self, type_name: str, data: Any) -> dict[str, Any]:
         """The normalized input for a job of `type_name` (defaults filled in).

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.config import check_header_name
+from jobs_api.batches import BATCH_TYPE, ItemStatus
 from jobs_api.handlers import (
     HandlerRegistry,
     JobContext,
@@ -24,14 +25,21 @@ from jobs_api.handlers import (
 
 
 class InferenceInput(BaseModel):
-    """One request to send through the gateway."""
+    """One request to send through the gateway; strict like the job around it (no coercion)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str = Field("POST", pattern=r"^[A-Za-z]{3,10}$")
-    path: str
+    # The validators below check these; the patterns say the same in the OpenAPI document.
+    path: str = Field(json_schema_extra={"pattern": "^/([^/]|$)"})
     body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
+            "additionalProperties": {"type": "string", "pattern": "^[\t\u0020-\u007e\u0080-\u00ff]*$"},
+        },
+    )
 
     @field_validator("method")
     @classmethod
@@ -61,9 +69,9 @@ class InferenceInput(BaseModel):
 
 
 class BatchInput(BaseModel):
-    """Many inference requests run as one job."""
+    """Many inference requests run as one job; strict (`"parallel_limit": "4"` is refused)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     items: list[InferenceInput] = Field(min_length=1, max_length=1000)
     parallel_limit: int = Field(4, ge=1, le=64)
@@ -76,34 +84,66 @@ async def run_inference(ctx: JobContext) -> dict[str, Any]:
     return await ctx.call(spec.method, spec.path, json=spec.body, headers=spec.headers)
 
 
+# An item's start is stored by the next write, or at the latest this long after it started: short
+# items (the common case) then cost no write of their own, and a long one shows as running soon.
+START_REPORT_DELAY_S = 0.25
+
+
 class _Batch:
-    """Book-keeping of one batch attempt: outcomes by index and counts."""
+    """Book-keeping of one batch attempt: each item's status and outcome, and the counts.
+
+    Every item's end is stored with the progress (`items=`), and its start soon after, so
+    `GET /v1/batches/{id}` shows which items run and which are done while the batch runs.
+    """
 
     def __init__(self, ctx: JobContext, spec: BatchInput) -> None:
         self.ctx = ctx
         self.spec = spec
         self.outcomes: list[dict[str, Any] | None] = [None] * len(spec.items)
+        self.statuses = [ItemStatus.QUEUED] * len(spec.items)
         self.completed = 0
         self.failed = 0
         self.first_failure: int | None = None
         self.report = asyncio.Lock()
+        self.changes = 0  # item status changes so far
+        self.written = 0  # how many of them the last progress write carried
+        self.start_report: asyncio.Task[None] | None = None
 
     async def run_item(self, index: int, limit: asyncio.Semaphore) -> None:
         async with limit:
             if self.spec.fail_fast and self.first_failure is not None:
-                return  # skipped: an earlier item already failed the batch
+                self.statuses[index] = ItemStatus.SKIPPED  # an earlier item already failed the batch
+                return
+            self.statuses[index] = ItemStatus.RUNNING
+            self.changes += 1
+            if self.start_report is None or self.start_report.done():
+                self.start_report = asyncio.create_task(self._report_starts_later())
             item = self.spec.items[index]
             try:
                 result = await self._call_with_retries(item)
             except (RetryableError, PermanentError) as exc:
                 self.outcomes[index] = {"index": index, "status": "failed", "error": exc_error(exc)}
+                self.statuses[index] = ItemStatus.FAILED
                 self.failed += 1
                 if self.first_failure is None:
                     self.first_failure = index
             else:
                 self.outcomes[index] = {"index": index, "status": "completed", "result": result}
+                self.statuses[index] = ItemStatus.COMPLETED
                 self.completed += 1
+            self.changes += 1
             await self._report()
+
+    async def _report_starts_later(self) -> None:
+        await asyncio.sleep(START_REPORT_DELAY_S)
+        if self.written < self.changes:
+            await self._report()
+
+    async def stop(self) -> None:
+        """Cancel a pending start report (the attempt is over)."""
+        if self.start_report is not None:
+            self.start_report.cancel()
+            await asyncio.gather(self.start_report, return_exceptions=True)
 
     async def _call_with_retries(self, item: InferenceInput) -> dict[str, Any]:
         # Items retry on their own, so one flaky item does not re-run the whole batch.
@@ -126,7 +166,8 @@ class _Batch:
             total = len(self.spec.items)
             done = self.completed + self.failed
             message = f"{self.completed} completed, {self.failed} failed, {total} total"
-            await self.ctx.progress(100.0 * done / total, message)
+            self.written = self.changes
+            await self.ctx.progress(100.0 * done / total, message, items=list(self.statuses))
 
     def result(self) -> dict[str, Any]:
         items = [
@@ -165,6 +206,7 @@ async def run_batch(ctx: JobContext) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await batch.stop()
     if spec.fail_fast and batch.first_failure is not None:
         failed = batch.outcomes[batch.first_failure]
         assert failed is not None
@@ -180,7 +222,7 @@ async def run_batch(ctx: JobContext) -> dict[str, Any]:
 def register(registry: HandlerRegistry) -> None:
     """Register the built-in types, like a JOBS_HANDLERS module registers its own."""
     registry.register("inference", run_inference, input_model=InferenceInput)
-    registry.register("batch", run_batch, input_model=BatchInput)
+    registry.register(BATCH_TYPE, run_batch, input_model=BatchInput)
 
 
 def default_registry(handler_paths: Sequence[str] = ()) -> HandlerRegistry:

@@ -32,3 +32,5 @@ AUTH: Final = web.AppKey("auth", Authenticator)
 CLOCK: Final = web.AppKey[Callable[[], float]]("clock")
 # Set when the app starts shutting down: event streams end so in-flight requests can drain.
 STOPPING: Final = web.AppKey("stopping", asyncio.Event)
+# The OpenAPI document of the app, serialised once at start (GET /openapi.json).
+OPENAPI: Final = web.AppKey("openapi", bytes)

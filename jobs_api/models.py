@@ -80,6 +80,15 @@ class Progress(BaseModel):
     phase: str | None = None
 
 
+class ItemProgress(BaseModel):
+    """Where each item of a fan-out job (a batch) is, as its attempt `attempt` last stored it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    statuses: tuple[str, ...]
+
+
 class JobError(BaseModel):
     """Why a job failed (or why its last attempt did)."""
 
@@ -116,6 +125,8 @@ class Job(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     progress: Progress = Progress()
+    # Per-item statuses of a batch while it runs (its result holds them once it ends).
+    item_progress: ItemProgress | None = None
     result: Any = None
     error: JobError | None = None
     created_at: float

@@ -20,10 +20,11 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from jobs_api.auth import Principal
-from jobs_api.caching import CacheSpec
+from jobs_api.batches import BATCH_TYPE, ItemStatus, batch_items, item_count, item_outcome
+from jobs_api.batches import counts as item_counts
 from jobs_api.errors import (
     BadRequest,
     JobNotFound,
@@ -37,9 +38,9 @@ from jobs_api.errors import (
 )
 from jobs_api.keys import AUTH, CLOCK, HANDLERS, METRICS, PROMETHEUS, RUNNER, SETTINGS, STOPPING, STORE
 from jobs_api.models import Job, JobStatus, is_job_id, nested_deeper_than, new_job_id, request_cancel
+from jobs_api.schemas import JOB_FIELDS, JobSubmit
 from jobs_api.store import JobEvent, JobQuery, LogLevel
 from jobs_api.submission_options import from_cache, with_webhook
-from jobs_api.webhooks import WebhookSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ READ_CHUNK: Final = 64 * 1024
 WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Event ids are SQLite rowids and Redis stream ids: signed 64-bit integers.
 MAX_EVENT_ID: Final = 2**63 - 1
-# Fields of a batch submission that describe the job rather than its input.
-JOB_FIELDS: Final = ("priority", "max_attempts", "timeout_s", "metadata", "cache", "webhook")
 HTTP_ERROR_TYPES: Final = {
     400: "invalid_request",
     404: "not_found",
@@ -67,21 +66,6 @@ HTTP_ERROR_TYPES: Final = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class JobSubmit(BaseModel):
-    """The body of `POST /v1/jobs`; strict: no coercion of strings to numbers."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    type: str = Field(min_length=1, max_length=64)
-    input: dict[str, Any]
-    priority: int = Field(0, ge=-1000, le=1000)
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    timeout_s: float | None = Field(None, gt=0)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    cache: CacheSpec | None = None
-    webhook: WebhookSpec | None = None
 
 
 # --- representation -----------------------------------------------------------------------------
@@ -95,12 +79,41 @@ def rfc3339(t: float | None) -> str | None:
 
 
 def job_links(job: Job) -> dict[str, str]:
-    """Where to follow a job: itself, its events, logs, cancel and (once completed) its result."""
+    """Where to follow a job: itself, its events, logs, cancel, (once completed) its result and
+    (for a batch) its items."""
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "events": f"{base}/events", "logs": f"{base}/logs", "cancel": f"{base}/cancel"}
     if job.status is JobStatus.COMPLETED:
         links["result"] = f"{base}/result"
+    if job.type == BATCH_TYPE:
+        links["batch"] = f"/v1/batches/{job.id}"
     return links
+
+
+def batch_view(job: Job) -> dict[str, Any]:
+    """A batch as `GET /v1/batches/{id}` shows it: its job's state, item counts and every item."""
+    items = batch_items(job)
+    view: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status.value,
+        "tenant": job.tenant,
+        "progress": job.progress.model_dump(),
+        "attempts": job.attempts,
+        "total": len(items),
+        "counts": item_counts([ItemStatus(item["status"]) for item in items]),
+        "items": items,
+        "created_at": rfc3339(job.created_at),
+        "started_at": rfc3339(job.started_at),
+        "finished_at": rfc3339(job.finished_at),
+        "updated_at": rfc3339(job.updated_at),
+    }
+    error = _error_view(job)
+    if error is not None:
+        view["error" if job.status.terminal else "last_error"] = error
+    links = job_links(job)
+    batch_url = links.pop("batch")
+    view["links"] = {**links, "self": batch_url, "job": links["self"]}
+    return view
 
 
 def _error_view(job: Job) -> dict[str, Any] | None:
@@ -325,12 +338,13 @@ def request_hash(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def parse_job_id(request: web.Request) -> str:
-    """The `{job_id}` of the path, or BadRequest if it is not a UUID."""
-    raw = request.match_info["job_id"]
+def parse_job_id(request: web.Request, name: str = "job_id") -> str:
+    """The `{job_id}` (or another id) of the path, or BadRequest if it is not a UUID."""
+    raw = request.match_info[name]
     if not is_job_id(raw):
         shown = raw if len(raw) <= 64 else raw[:64] + "..."
-        raise BadRequest(f"{shown!r} is not a job id (a UUID)")
+        what = "a batch id" if name == "batch_id" else "a job id"
+        raise BadRequest(f"{shown!r} is not {what} (a UUID)")
     return raw.lower()
 
 
@@ -446,6 +460,16 @@ async def visible_job(request: web.Request) -> Job:
     return job
 
 
+async def visible_batch(request: web.Request) -> Job:
+    """The batch of the path if the caller may see it; 400 for a bad id, 404 otherwise (also
+    for a job that is not a batch)."""
+    batch_id = parse_job_id(request, "batch_id")
+    job = await request.app[STORE].get(batch_id)
+    if job is None or job.type != BATCH_TYPE or not request[PRINCIPAL].can_see(job):
+        raise JobNotFound(f"batch {batch_id} not found")
+    return job
+
+
 async def submit(request: web.Request, body: dict[str, Any]) -> web.Response:
     """Validate, store and wake the runner; 202 with the job (a replay returns the same job)."""
     app = request.app
@@ -517,6 +541,41 @@ async def create_batch(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """GET /v1/jobs/{id}."""
     return json_response(job_view(await visible_job(request)))
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    """GET /v1/batches/{batch_id}: counts by status and every item's status and result reference."""
+    return json_response(batch_view(await visible_batch(request)))
+
+
+def parse_item_index(request: web.Request, total: int) -> int:
+    """The `{index}` of the path: a decimal item number below `total`; 400 or 404 otherwise."""
+    raw = request.match_info["index"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
+        shown = raw if len(raw) <= 64 else raw[:64] + "..."
+        raise BadRequest(f"index: {shown!r} is not an item number (0, 1, 2, ...)")
+    index = int(raw)
+    if index >= total:
+        raise JobNotFound(f"batch {request.match_info['batch_id']} has no item {index} ({total} items)")
+    return index
+
+
+async def get_batch_item(request: web.Request) -> web.Response:
+    """GET /v1/batches/{batch_id}/items/{index}: the item's outcome once it is stored; 409 before."""
+    job = await visible_batch(request)
+    index = parse_item_index(request, item_count(job))
+    outcome = item_outcome(job, index)
+    if outcome is not None:
+        return json_response(outcome)
+    status = ItemStatus(batch_items(job)[index]["status"])
+    what = f"item {index} of batch {job.id}"
+    if job.status.terminal:
+        message = f"{what} has no result: it is {status.value} (the batch {job.status.value})"
+        error, headers = {"type": "no_result", "message": message}, None
+    else:
+        message = f"{what} is {status.value}; its outcome is stored when the batch ends"
+        error, headers = {"type": "not_finished", "message": message}, {"Retry-After": "1"}
+    return json_response({"index": index, "status": status.value, "error": error}, 409, headers)
 
 
 async def get_result(request: web.Request) -> web.Response:
@@ -724,21 +783,3 @@ async def metrics(request: web.Request) -> web.Response:
         request.app[METRICS].queued.set(counts.get(JobStatus.QUEUED, 0))
     body = generate_latest(request.app[PROMETHEUS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_routes(app: web.Application) -> None:
-    """Register every route of the jobs API on `app`."""
-    app.on_response_prepare.append(mark_response_started)
-    r = app.router
-    r.add_post("/v1/jobs", create_job)
-    r.add_get("/v1/jobs", list_jobs)
-    r.add_post("/v1/batches", create_batch)
-    r.add_get("/v1/jobs/{job_id}", get_job)
-    r.add_delete("/v1/jobs/{job_id}", cancel_job)
-    r.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
-    r.add_get("/v1/jobs/{job_id}/result", get_result)
-    r.add_get("/v1/jobs/{job_id}/events", job_events)
-    r.add_get("/v1/jobs/{job_id}/logs", job_logs)
-    r.add_get("/healthz", healthz)
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
