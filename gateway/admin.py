@@ -92,6 +92,12 @@ async def list_upstreams(request: web.Request) -> web.Response:
     )
 
 
+async def redundancy(request: web.Request) -> web.Response:
+    """The fleet's redundancy level, whether it is degraded, and why."""
+    gw = request.app[GATEWAY]
+    return _json(gw.pool.redundancy(gw.clock()).to_json())
+
+
 async def list_events(request: web.Request) -> web.Response:
     """Recent upstream state changes, oldest first."""
     return _json({"events": list(request.app[GATEWAY].events)})
@@ -151,6 +157,7 @@ def admin_routes(
     metrics: Handler,
     list_upstreams: Handler,
     list_events: Handler,
+    redundancy: Handler,
     drain: Handler,
     enable: Handler,
 ) -> list[web.RouteDef]:
@@ -161,6 +168,7 @@ def admin_routes(
         web.get("/metrics", metrics),
         web.get("/admin/upstreams", list_upstreams),
         web.get("/admin/events", list_events),
+        web.get("/admin/redundancy", redundancy),
         web.post("/admin/upstreams/{name}/drain", drain),
         web.post("/admin/upstreams/{name}/enable", enable),
     ]
@@ -175,6 +183,7 @@ def add_admin_routes(app: web.Application) -> None:
             metrics=metrics,
             list_upstreams=list_upstreams,
             list_events=list_events,
+            redundancy=redundancy,
             drain=drain,
             enable=enable,
         )

@@ -345,11 +345,26 @@ class PoolCollector(Collector):
             for s in State:
                 state.add_metric([up.name, s.value], 1.0 if s is current else 0.0)
         yield from self._engine_gauges(now)
+        yield from self._redundancy_gauges(now)
         total = GaugeMetricFamily("gateway_routable_upstreams", "Upstreams normal selection can use now.")
         total.add_metric([], routable)
         active = GaugeMetricFamily("gateway_requests_in_flight", "Requests being served now.")
         active.add_metric([], self._requests_in_flight())
         yield from (healthy, inflight, ewma, state, total, active)
+
+    def _redundancy_gauges(self, now: float) -> Iterator[Metric]:
+        r = self._pool.redundancy(now)
+        level = GaugeMetricFamily(
+            "gateway_redundancy_level",
+            "Routable upstreams of the primary tier: 0 none, 1 single, 2 dual, 3 multi (3 or more).",
+        )
+        level.add_metric([], r.level_value)
+        degraded = GaugeMetricFamily(
+            "gateway_degraded",
+            "1 while the fleet is degraded (see GET /admin/redundancy for the reasons).",
+        )
+        degraded.add_metric([], 1.0 if r.degraded else 0.0)
+        yield from (level, degraded)
 
     def _engine_gauges(self, now: float) -> Iterator[Metric]:
         waiting, running, kv = _fresh_gauges()

@@ -31,6 +31,7 @@ from gateway.policy.engine import EngineRules, all_saturated, pick_engine
 from gateway.policy.ewma import PeakEwma
 from gateway.policy.load import EngineLoad
 from gateway.policy.outlier import State, Transition, UpstreamHealth
+from gateway.policy.redundancy import Member, Redundancy, assess
 
 FAILURE_PENALTY_S = 1.0
 DEFAULT_STALE_S = 3.0  # how long an ORCA report holds when the upstream has no load_metrics
@@ -345,6 +346,10 @@ class Pool:
         """Emit transitions that happened by time alone (ejections and cooldowns ending)."""
         for up in self.upstreams:
             self._notify(up, up.health.refresh(now), now)
+
+    def redundancy(self, now: float) -> Redundancy:
+        """The fleet's redundancy level and whether it is degraded (policy/redundancy.py)."""
+        return assess(Member(u.name, u.priority, u.health.routable(now)) for u in self.upstreams)
 
     def routable_count(self, now: float) -> int:
         """How many upstreams normal selection could use now."""

@@ -239,6 +239,9 @@ async def test_workers_share_port_and_admin_answers_for_all(
     a_before = a.stats.requests
     assert await send_fresh(port, 10) == [200] * 10
     assert a.stats.requests == a_before
+    status, redundancy = await admin(admin_port, "GET", "/admin/redundancy")
+    assert status == 200 and (redundancy["level"], redundancy["degraded"]) == ("single", False)
+    assert [(w["worker"], w["level"]) for w in redundancy["workers"]] == [(0, "single"), (1, "single")]
     status, events = await admin(admin_port, "GET", "/admin/events")
     drained = [(e["worker"], e["upstream"], e["to"]) for e in events["events"]]
     assert sorted(drained) == [(0, "a", "drained"), (1, "a", "drained")]
