@@ -75,6 +75,7 @@ def _view(gw: Gateway, up: Upstream, now: float) -> dict[str, Any]:
             "passing": h.probe_healthy,
             "consecutive_failures": h.check_failures,
             "consecutive_successes": h.check_successes,
+            "misconfiguration": up.check_problem,
         },
         "drained": h.drained,
     }

@@ -373,6 +373,46 @@ class RetrySettings(_Frozen):
         return value
 
 
+def _split_list(value: Any) -> Any:
+    """A comma-separated string (as an environment variable gives it) or a JSON list, as a list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def parse_status_ranges(items: Any) -> frozenset[int]:
+    """HTTP statuses from ints and `"LOW-HIGH"` ranges (inclusive); ValueError naming a bad item."""
+    if isinstance(items, int | str):
+        items = [items]
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"{item!r} is not an HTTP status")
+        low: int | None = None
+        high: int | None = None
+        if isinstance(item, int):
+            low = high = item
+        elif isinstance(item, str):
+            first, sep, last = item.strip().partition("-")
+            if first.strip().isdigit() and (not sep or last.strip().isdigit()):
+                low = int(first)
+                high = int(last) if sep else low
+        if low is None or high is None:
+            raise ValueError(f"{item!r} is not a status or a range such as 200-299")
+        if not (100 <= low <= high <= 599):
+            raise ValueError(f"{item!r} must be statuses within 100-599, low to high")
+        out.update(range(low, high + 1))
+    if not out:
+        raise ValueError("give at least one status, e.g. 200-299")
+    return frozenset(out)
+
+
 class HealthSettings(_Frozen):
     """Active health checks: a cheap GET of each upstream's health path."""
 
@@ -381,6 +421,13 @@ class HealthSettings(_Frozen):
     jitter_ratio: float = Field(0.1, ge=0, le=1)
     unhealthy_threshold: int = Field(3, ge=1)
     healthy_threshold: int = Field(2, ge=1)
+    # Statuses that pass a check: ints and "LOW-HIGH" ranges (GATEWAY_HEALTH__EXPECTED_STATUSES=200-299,401).
+    expected_statuses: Annotated[frozenset[int], NoDecode] = frozenset(range(200, 300))
+
+    @field_validator("expected_statuses", mode="before")
+    @classmethod
+    def _parse_statuses(cls, value: Any) -> Any:
+        return parse_status_ranges(_split_list(value))
 
 
 class OutlierSettings(_Frozen):
@@ -391,6 +438,9 @@ class OutlierSettings(_Frozen):
     max_ejection_s: float = Field(300.0, gt=0)
     rate_limit_cooldown_s: float = Field(5.0, ge=0)
     max_rate_limit_cooldown_s: float = Field(60.0, ge=0)
+    # Off: only a successful request (or the ejection running out) ends an ejection, since an
+    # inference server often answers /health while its inference fails. On: a passing check too.
+    uneject_on_health_check: bool = False
 
 
 class CallerSettings(_Frozen):

@@ -6,7 +6,9 @@ Four independent conditions make an upstream unroutable, and its state is the mo
                checks in a row bring it back.
   ejected      `consecutive_failures` failed attempts in a row; lasts base_ejection_s times the
                ejection count (which decays while the upstream behaves), capped at max_ejection_s
-               (Envoy's outlier detection). A passing check or a successful attempt ends it early.
+               (Envoy's outlier detection). A successful attempt ends it early; a passing check
+               does too only with `uneject_on_health_check`, since inference servers often
+               answer their health path while inference fails.
   cooling_down it answered 429; lasts its Retry-After (default and cap from settings).
 Time (`now`, monotonic seconds) is passed in. Every method that may change the state returns the
 Transition it caused, or None, so the caller can log and count each change exactly once.
@@ -134,7 +136,8 @@ class UpstreamHealth:
             if not self.probe_healthy and self.check_successes >= self._health.healthy_threshold:
                 self.probe_healthy = True
                 reason = f"{self.check_successes} health checks passed"
-            if self.ejected_until is not None and now < self.ejected_until:
+            ejected = self.ejected_until is not None and now < self.ejected_until
+            if ejected and self._outlier.uneject_on_health_check:
                 self._end_ejection(now)
                 reason = "health check passed while ejected"
             return self._settle(now, reason)

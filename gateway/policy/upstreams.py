@@ -45,6 +45,7 @@ class Upstream:
 
     __slots__ = (
         "base_url",
+        "check_problem",
         "continues",
         "engine",
         "ewma",
@@ -75,6 +76,8 @@ class Upstream:
         self.continues = cfg.continuation is Continuation.PREFILL  # can finish a cut stream
         self.headers = tuple(cfg.headers.items())
         self.health_path = cfg.health_path
+        # What the latest active check revealed about its own configuration (a wrong path), if anything.
+        self.check_problem: str | None = None
         self.health = UpstreamHealth(settings.outlier, settings.health)
         self.ewma = PeakEwma(settings.ewma_decay_s, settings.ewma_default_s, now)
         self.inflight = 0
