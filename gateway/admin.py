@@ -60,6 +60,10 @@ def _view(gw: Gateway, up: Upstream, now: float) -> dict[str, Any]:
         "url": up.base_url,
         "priority": up.priority,
         "weight": up.weight,
+        "effective_weight": round(
+            up.refresh_weight(now, gw.pool.slow_start_s, gw.pool.slow_start_aggression), 6
+        ),
+        "slow_start_until": until(up.slow_start_ends_at(gw.pool.slow_start_s)),
         "state": h.state(now).value,
         "routable": h.routable(now),
         "latency_ewma_s": round(up.latency_s, 6),

@@ -519,6 +519,10 @@ class GatewaySettings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     outlier: OutlierSettings = OutlierSettings()
+    # A new or recovered upstream's weight ramps up over this long (0: off), as Envoy's slow start;
+    # aggression 1 is linear, higher climbs faster early (policy/slow_start.py).
+    slow_start_s: float = Field(30.0, ge=0)
+    slow_start_aggression: float = Field(1.0, gt=0)
     # Peak-EWMA decay window and the estimate a new or recovered upstream starts from.
     ewma_decay_s: float = Field(10.0, gt=0)
     ewma_default_s: float = Field(0.05, gt=0)

@@ -14,6 +14,8 @@ Outcomes feed the health state machine (outlier.py) and the peak-EWMA latency es
 folded in as at least FAILURE_PENALTY_S so a fast-failing upstream never looks fast; 429s are not
 folded in at all. An upstream that becomes routable again restarts from a neutral estimate (the
 median of the others) so it earns traffic instead of carrying a stale failure penalty.
+Slow start: an upstream back from ejected, unhealthy or drained has its weight ramped up over
+`slow_start_s` (policy/slow_start.py) in every weighted strategy.
 Pure: time and randomness come in as arguments; state changes go out through `on_transition`.
 """
 
@@ -32,12 +34,15 @@ from gateway.policy.ewma import PeakEwma
 from gateway.policy.load import EngineLoad
 from gateway.policy.outlier import State, Transition, UpstreamHealth
 from gateway.policy.redundancy import Member, Redundancy, assess
+from gateway.policy.slow_start import ramp
 
 FAILURE_PENALTY_S = 1.0
 DEFAULT_STALE_S = 3.0  # how long an ORCA report holds when the upstream has no load_metrics
 # Longest Retry-After the gateway suggests for a wait that is not a rate-limit cooldown.
 RETRY_AFTER_CAP_S = 2.0
 _NO_TIER = 1 << 62
+# Coming back from these starts slow start; a 429 cooldown ending does not (it was not unwell).
+_RAMPED_AFTER = frozenset({State.EJECTED, State.UNHEALTHY, State.DRAINED})
 
 
 class Upstream:
@@ -47,6 +52,7 @@ class Upstream:
         "base_url",
         "check_problem",
         "continues",
+        "effective_weight",
         "engine",
         "ewma",
         "headers",
@@ -60,6 +66,7 @@ class Upstream:
         "priority",
         "rr_current",
         "sent_since_report",
+        "serving_since",
         "stale_s",
         "waiting",
         "weight",
@@ -71,6 +78,10 @@ class Upstream:
         self.base_url = cfg.url
         self.priority = cfg.priority
         self.weight = cfg.weight
+        # The weight selection uses now: `weight` scaled down by slow start while it ramps up.
+        self.effective_weight = cfg.weight
+        # When slow start began (monotonic); -inf for the upstreams the gateway started with.
+        self.serving_since = float("-inf")
         self.max_inflight = cfg.max_inflight
         self.max_context = cfg.max_context
         self.continues = cfg.continuation is Continuation.PREFILL  # can finish a cut stream
@@ -98,6 +109,20 @@ class Upstream:
     def measured(self) -> bool:
         """False until the first latency sample after start or recovery."""
         return self.ewma.measured
+
+    def begin_slow_start(self, now: float) -> None:
+        """The upstream (re)enters service at `now`: its share ramps up from here."""
+        self.serving_since = now
+
+    def refresh_weight(self, now: float, window_s: float, aggression: float) -> float:
+        """Recompute `effective_weight` for `now` (policy/slow_start.py) and return it."""
+        self.effective_weight = self.weight * ramp(now - self.serving_since, window_s, aggression)
+        return self.effective_weight
+
+    def slow_start_ends_at(self, window_s: float) -> float | None:
+        """When the ramp ends (monotonic), or None when it is not ramping."""
+        end = self.serving_since + window_s
+        return end if window_s > 0 and end != float("-inf") else None
 
     def attempt_started(self, attempt: object, now: float) -> None:
         """An attempt was sent here: in flight, and waiting for its headers."""
@@ -153,6 +178,8 @@ class Pool:
         on_transition: TransitionListener | None = None,
     ) -> None:
         self.strategy = settings.strategy
+        self.slow_start_s = settings.slow_start_s
+        self.slow_start_aggression = settings.slow_start_aggression
         sat = settings.saturation
         self.engine_rules = EngineRules(sat.queue, sat.kv, settings.affinity.slack)
         self._default_latency_s = settings.ewma_default_s
@@ -191,6 +218,9 @@ class Pool:
             cands, healthy = self._candidates(now, accept)
             wait_s = 0.0
         if cands:
+            if self.slow_start_s > 0:
+                for u in cands:
+                    u.refresh_weight(now, self.slow_start_s, self.slow_start_aggression)
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
@@ -399,5 +429,7 @@ class Pool:
             return
         if change.after is State.HEALTHY:
             up.ewma.reset(self._neutral_latency_s(up, now), now)
+            if change.before in _RAMPED_AFTER:
+                up.begin_slow_start(now)
         if self._on_transition is not None:
             self._on_transition(up, change, now)

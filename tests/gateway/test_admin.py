@@ -250,7 +250,8 @@ async def test_drained_upstream_gets_no_traffic_until_enabled(
 ) -> None:
     a = await start_mock("a")
     b = await start_mock("b")
-    gw = await start_gateway(a.spec, b.spec, admin_token="s3cret", strategy="round_robin")
+    # Full share at once after enable: slow start's ramp has its own test (test_slow_start_http.py).
+    gw = await start_gateway(a.spec, b.spec, admin_token="s3cret", strategy="round_robin", slow_start_s=0)
     for _ in range(4):
         assert (await gw.client.post("/v1/chat/completions", json=CHAT)).status == 200
     assert (a.stats.requests, b.stats.requests) == (2, 2)

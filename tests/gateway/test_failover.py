@@ -309,7 +309,8 @@ async def test_ejection_and_recovery_through_active_checks(
     a.behaviour.healthy = True
     await _wait_for(lambda: pool.by_name["a"].health.state(clock()) == "healthy")
     before = a.stats.requests
-    for _ in range(6):
+    # Slow start: it comes back at a tenth of its weight, so it takes a few more to be picked.
+    for _ in range(30):
         await gw.client.post("/v1/chat/completions", json={})
     assert a.stats.requests > before
     events = (await (await gw.admin.get("/admin/events")).json())["events"]

@@ -612,7 +612,8 @@ def test_first_sample_after_recovery_replaces_neutral_estimate() -> None:
 
 
 def test_recovered_upstream_is_probed_first_under_latency_strategy() -> None:
-    pool = make_pool("a", "b", "c", strategy=Strategy.LATENCY)
+    # Without slow start, which would draw it into fewer pairs (tests/gateway/test_slow_start.py).
+    pool = make_pool("a", "b", "c", strategy=Strategy.LATENCY, slow_start_s=0.0)
     a, b, c = pool.upstreams
     pool.record(a, Outcome.SUCCESS, 0.0, 0.01)
     pool.record(b, Outcome.SUCCESS, 0.0, 0.01)
