@@ -29,9 +29,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
 from gateway.policy.outlier import Transition
 from gateway.policy.upstreams import Pool, Upstream
+from gateway.policy.webhooks import FleetWatch, upstream_event
 from gateway.prober import HealthProber
 from gateway.proxy import Proxy
 from gateway.retry_gate import RetryGate
+from gateway.webhooks import WebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,18 @@ class Gateway:
             keepalive_s=settings.upstream_keepalive_s,
             egress=self.egress,
         )
+        now = clock()
+        self.fleet_watch = FleetWatch(self.pool.redundancy(now), self.pool.serving_tier(now))
+        self.notifier = WebhookNotifier(
+            settings.webhooks, self.metrics.count_webhook, clock=clock, wall_clock=wall_clock
+        )
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the health checks and the idle-connection sweep on the running loop."""
         await self.prober.start()
         await self.load_poller.start()
+        await self.notifier.start()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -124,6 +132,7 @@ class Gateway:
             self._sweeper = None
         await self.prober.stop()
         await self.load_poller.stop()
+        await self.notifier.stop()
         for client in self.clients:
             client.close()
 
@@ -141,6 +150,17 @@ class Gateway:
                 "reason": change.reason,
             }
         )
+        self._notify_webhooks(up, change, now)
+
+    def _notify_webhooks(self, up: Upstream, change: Transition, now: float) -> None:
+        event = upstream_event(change)
+        if event is not None:
+            data = {"upstream": up.name, "from": change.before.value, "to": change.after.value}
+            self.notifier.emit(event, {**data, "reason": change.reason})
+        for fleet_event, fleet_data in self.fleet_watch.observe(
+            self.pool.redundancy(now), self.pool.serving_tier(now)
+        ):
+            self.notifier.emit(fleet_event, fleet_data)
 
 
 Egress = tuple[ProxyConfig | None, ssl.SSLContext | None]

@@ -7,6 +7,8 @@ Validation errors name the field; `describe_validation_error` turns them into on
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import ssl
@@ -74,6 +76,33 @@ class Continuation(StrEnum):
 
     NONE = "none"
     PREFILL = "prefill"
+
+
+class WebhookEvent(StrEnum):
+    """A fleet state change a webhook can subscribe to (gateway/policy/webhooks.py)."""
+
+    EJECTED = "ejected"
+    RECOVERED = "recovered"
+    DRAINED = "drained"
+    DEGRADED = "degraded"
+    FAILOVER = "failover"
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def load_webhook_secret(text: str) -> bytes:
+    """The key of a `whsec_<base64>` secret (Standard Webhooks); ValueError saying what is wrong."""
+    if not text.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("the secret must look like whsec_<base64> (Standard Webhooks format)")
+    encoded = text[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part of the secret after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("the secret's key must be at least 16 bytes (24 base64 characters)")
+    return key
 
 
 class ConfigError(Exception):
@@ -479,6 +508,45 @@ class CallerSettings(_Frozen):
         return self
 
 
+class WebhookSettings(_Frozen):
+    """One receiver of fleet state changes."""
+
+    url: str
+    events: frozenset[WebhookEvent] = frozenset(WebhookEvent)
+    # whsec_<base64>; `${VAR}` is expanded from the environment so the secret stays out of files.
+    secret: SecretStr
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{value[:200]!r} is not a URL; use http(s)://host[:port]/path") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value[:200]!r} is not an http(s) URL")
+        if url.user is not None or url.password is not None:
+            raise ValueError("must not carry credentials (user:password@); deliveries are signed instead")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, value: frozenset[WebhookEvent]) -> frozenset[WebhookEvent]:
+        if not value:
+            raise ValueError(f"give at least one of {', '.join(e.value for e in WebhookEvent)}")
+        return value
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _expand_secret(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = expand_env_refs(value.strip(), os.environ)
+            load_webhook_secret(value)
+        return value
+
+
 def _parse_upstreams(value: Any) -> Any:
     """Accept a JSON list, a comma-separated `[NAME=]URL` list, or a list of either."""
     if isinstance(value, str):
@@ -551,6 +619,8 @@ class GatewaySettings(BaseSettings):
     model_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
     # Callers of a shared gateway; when set, every proxied request must carry a caller's key.
     callers: Annotated[list[CallerSettings], NoDecode] = Field(default_factory=list)
+    # Receivers of fleet state changes (gateway/policy/webhooks.py); JSON in GATEWAY_WEBHOOKS.
+    webhooks: Annotated[list[WebhookSettings], NoDecode] = Field(default_factory=list)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
     # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
     workers: int = Field(1, ge=1)
@@ -560,7 +630,7 @@ class GatewaySettings(BaseSettings):
     def _split_upstreams(cls, value: Any) -> Any:
         return _parse_upstreams(value)
 
-    @field_validator("callers", mode="before")
+    @field_validator("callers", "webhooks", mode="before")
     @classmethod
     def _callers_json(cls, value: Any) -> Any:
         if isinstance(value, str):

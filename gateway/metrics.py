@@ -25,6 +25,7 @@ from gateway.policy.classify import Outcome
 from gateway.policy.load import fresh
 from gateway.policy.outlier import State
 from gateway.policy.upstreams import Pool
+from gateway.policy.webhooks import Result
 
 # Our own overhead is microseconds to milliseconds; gaps between tokens are milliseconds to seconds.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -247,6 +248,14 @@ class GatewayMetrics:
             ["model", "fallback"],
             registry=registry,
         )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Webhook delivery attempts by result: delivered, retried (will be tried again), failed "
+            "(given up, or refused by the receiver), dropped (the queue was full).",
+            ["result"],
+            registry=registry,
+        )
+        self._webhook_results = {r: self.webhook_deliveries.labels(r.value) for r in Result}
         self.per_upstream = {u.name: UpstreamMetrics(self, u.name) for u in pool.upstreams}
         self._codes: dict[int, Counter] = {}
         self._model_codes: dict[tuple[str, str, int], Counter] = {}
@@ -259,6 +268,10 @@ class GatewayMetrics:
             child = self._codes[status] = self.requests.labels(str(status))
         child.inc()
         self.request_duration.observe(duration_s)
+
+    def count_webhook(self, result: Result) -> None:
+        """Count one webhook delivery attempt (or drop)."""
+        self._webhook_results[result].inc()
 
     def count_tokens(self, upstream: str, model: str, caller: str, prompt: int, completion: int) -> None:
         """Count the tokens one response reported."""

@@ -384,6 +384,10 @@ class Pool:
         """The fleet's redundancy level and whether it is degraded (policy/redundancy.py)."""
         return assess(Member(u.name, u.priority, u.health.routable(now)) for u in self.upstreams)
 
+    def serving_tier(self, now: float) -> int | None:
+        """The tier normal selection sends traffic to now (lowest with a routable upstream), if any."""
+        return min((u.priority for u in self.upstreams if u.health.routable(now)), default=None)
+
     def routable_count(self, now: float) -> int:
         """How many upstreams normal selection could use now."""
         return sum(1 for u in self.upstreams if u.health.routable(now))
