@@ -28,6 +28,7 @@ from gateway.load_poller import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
 from gateway.policy.outlier import Transition
+from gateway.policy.shared import SharedChange, SharedLog, to_share
 from gateway.policy.upstreams import Pool, Upstream
 from gateway.policy.webhooks import FleetWatch, upstream_event
 from gateway.prober import HealthProber
@@ -104,6 +105,10 @@ class Gateway:
             keepalive_s=settings.upstream_keepalive_s,
             egress=self.egress,
         )
+        # Changes the other workers of --workers N should adopt (gateway/workers/shared_state.py).
+        self.shared = SharedLog(epoch=f"{os.getpid()}.{id(self):x}")
+        self.shared_changed = asyncio.Event()
+        self._adopting = False
         now = clock()
         self.fleet_watch = FleetWatch(self.pool.redundancy(now), self.pool.serving_tier(now))
         self.notifier = WebhookNotifier(
@@ -136,8 +141,28 @@ class Gateway:
         for client in self.clients:
             client.close()
 
+    def adopt_shared(self, changes: list[SharedChange]) -> int:
+        """Apply changes other workers saw (never shared again); how many named a known upstream."""
+        now = self.clock()
+        applied = 0
+        self._adopting = True
+        try:
+            for c in changes:
+                up = self.pool.by_name.get(c.upstream)
+                if up is not None:
+                    self.pool.adopt(up, c, now)
+                    applied += 1
+        finally:
+            self._adopting = False
+        return applied
+
     def _on_transition(self, up: Upstream, change: Transition, now: float) -> None:
         log.info("upstream %s: %s -> %s (%s)", up.name, change.before, change.after, change.reason)
+        if not self._adopting:
+            shared = to_share(up.name, up.health, change, now)
+            if shared is not None:
+                self.shared.add(shared)
+                self.shared_changed.set()
         ejection = self.metrics.per_upstream[up.name].ejections.get(change.after)
         if ejection is not None:
             ejection.inc()

@@ -622,7 +622,7 @@ class GatewaySettings(BaseSettings):
     # Receivers of fleet state changes (gateway/policy/webhooks.py); JSON in GATEWAY_WEBHOOKS.
     webhooks: Annotated[list[WebhookSettings], NoDecode] = Field(default_factory=list)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
-    # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
+    # them. Checks, EWMA and the retry budget are then per worker; ejections are shared (README).
     workers: int = Field(1, ge=1)
 
     @field_validator("upstreams", mode="before")

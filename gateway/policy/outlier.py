@@ -148,6 +148,27 @@ class UpstreamHealth:
             return self._settle(now, f"{self.check_failures} health checks failed")
         return self._settle(now, "health check failed")
 
+    def adopt_ejection(self, for_s: float, ejection_count: int, now: float) -> Transition | None:
+        """Another worker ejected this upstream for `for_s` more seconds: do the same here."""
+        until = now + max(0.0, for_s)
+        if self.ejected_until is None or self.ejected_until < until:
+            self.ejected_until = until
+            self.last_ejection_end = until
+        self.ejection_count = max(self.ejection_count, ejection_count)
+        self.consecutive_failures = 0
+        return self._settle(now, "ejected by another worker")
+
+    def adopt_cooldown(self, for_s: float, now: float) -> Transition | None:
+        """Another worker got a 429 from this upstream: cool down for the rest of its wait too."""
+        self.cooldown_until = max(self.cooldown_until or 0.0, now + max(0.0, for_s))
+        return self._settle(now, "rate limited (429) at another worker")
+
+    def adopt_unejection(self, now: float) -> Transition | None:
+        """Another worker's request succeeded while the upstream was ejected: end it here too."""
+        if self.ejected_until is not None and now < self.ejected_until:
+            self._end_ejection(now)
+        return self._settle(now, "request succeeded at another worker")
+
     def drain(self, now: float) -> Transition | None:
         """Take the upstream out of rotation until `enable`."""
         self.drained = True

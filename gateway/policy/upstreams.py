@@ -34,6 +34,7 @@ from gateway.policy.ewma import PeakEwma
 from gateway.policy.load import EngineLoad
 from gateway.policy.outlier import State, Transition, UpstreamHealth
 from gateway.policy.redundancy import Member, Redundancy, assess
+from gateway.policy.shared import Kind, SharedChange
 from gateway.policy.slow_start import ramp
 
 FAILURE_PENALTY_S = 1.0
@@ -366,6 +367,16 @@ class Pool:
     def record_check(self, up: Upstream, ok: bool, now: float) -> None:
         """Fold one active health check into the upstream's health."""
         self._notify(up, up.health.record_check(ok, now), now)
+
+    def adopt(self, up: Upstream, change: SharedChange, now: float) -> None:
+        """Apply a state change another worker saw (policy/shared.py)."""
+        h = up.health
+        if change.kind is Kind.EJECTED:
+            self._notify(up, h.adopt_ejection(change.for_s, change.ejection_count, now), now)
+        elif change.kind is Kind.COOLDOWN:
+            self._notify(up, h.adopt_cooldown(change.for_s, now), now)
+        else:
+            self._notify(up, h.adopt_unejection(now), now)
 
     def drain(self, up: Upstream, now: float) -> None:
         """Take `up` out of rotation (operator action)."""

@@ -230,19 +230,21 @@ async def ask(
     timeout_s: float,
     headers: Mapping[str, str] | None = None,
     text: bool = False,
+    body: bytes | None = None,
 ) -> WorkerAnswer:
-    """One request to a worker's admin socket; never raises for a dead or hung worker."""
+    """One request to a worker's admin socket (`body`: JSON to send); never raises for a dead worker."""
     if not ref.alive:
         return WorkerAnswer(ref.index, ref.pid, error="not running (being replaced)")
     try:
         async with ref.session.request(
             method,
             f"http://worker{path}",
-            headers=headers,
+            headers={**(headers or {}), "Content-Type": "application/json"} if body is not None else headers,
+            data=body,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
-            body: Any = await resp.text() if text else orjson.loads(await resp.read())
-            return WorkerAnswer(ref.index, ref.pid, resp.status, body)
+            answer: Any = await resp.text() if text else orjson.loads(await resp.read())
+            return WorkerAnswer(ref.index, ref.pid, resp.status, answer)
     except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
         return WorkerAnswer(ref.index, ref.pid, error=f"no answer: {type(exc).__name__}: {exc}")
 
