@@ -27,7 +27,7 @@ from gateway.http.server import HttpServer
 from gateway.load_poller import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
-from gateway.policy.outlier import Transition
+from gateway.policy.outlier import State, Transition
 from gateway.policy.shared import SharedChange, SharedLog, to_share
 from gateway.policy.upstreams import Pool, Upstream
 from gateway.policy.webhooks import FleetWatch, upstream_event
@@ -163,7 +163,10 @@ class Gateway:
             if shared is not None:
                 self.shared.add(shared)
                 self.shared_changed.set()
-        ejection = self.metrics.per_upstream[up.name].ejections.get(change.after)
+        counters = self.metrics.per_upstream[up.name]
+        ejection = counters.ejections.get(change.after)
+        if ejection is not None and self._adopting and change.after is not State.DRAINED:
+            ejection = counters.shared_ejections
         if ejection is not None:
             ejection.inc()
         self.events.append(

@@ -57,6 +57,7 @@ class UpstreamMetrics:
 
     __slots__ = (
         "chunk_gap",
+        "shared_ejections",
         "checks",
         "continuations",
         "ejections",
@@ -80,6 +81,8 @@ class UpstreamMetrics:
         }
         self.stream_aborts = m.stream_aborts.labels(name)
         self.ejections = {s: m.ejections.labels(name, r) for s, r in EJECTION_REASONS.items()}
+        # Ejections and cooldowns adopted from another worker (--workers), so sums count each once.
+        self.shared_ejections = m.ejections.labels(name, "shared")
         self.checks = {ok: m.health_checks.labels(name, "pass" if ok else "fail") for ok in (1, 0)}
 
 
@@ -209,7 +212,8 @@ class GatewayMetrics:
         )
         self.ejections = Counter(
             "gateway_upstream_ejections",
-            "Times an upstream was taken out of rotation, by cause.",
+            "Times an upstream was taken out of rotation, by cause (shared: adopted from another "
+            "worker under --workers, counted where it happened first).",
             ["upstream", "reason"],
             registry=registry,
         )

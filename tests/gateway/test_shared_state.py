@@ -104,6 +104,15 @@ async def test_worker_routes_long_poll_and_adopt_without_echo(
     resp = await admin.post("/internal/shared", json=sent)
     assert resp.status == 200 and (await resp.json()) == {"applied": 1}
     assert gw.state.pool.by_name["b"].health.state(gw.state.clock()) is State.EJECTED
+    assert gw.sample("gateway_upstream_ejections_total", {"upstream": "b", "reason": "shared"}) == 1
+    assert (
+        gw.sample("gateway_upstream_ejections_total", {"upstream": "b", "reason": "consecutive_failures"})
+        == 0
+    )
+    assert (
+        gw.sample("gateway_upstream_ejections_total", {"upstream": "a", "reason": "consecutive_failures"})
+        == 1
+    )
     later = await (await admin.get(f"/internal/shared?epoch={first['epoch']}&after=1&wait_s=0")).json()
     assert later["changes"] == []
     bad = await admin.post("/internal/shared", data=b"{nope")
