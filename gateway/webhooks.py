@@ -2,8 +2,9 @@
 
 `emit` only queues (policy/webhooks.py's bounded Outbox) and wakes the task, so the data path
 and the state machine never wait on a receiver. The task sends due deliveries, at most
-CONCURRENCY at a time, each with a total timeout of ATTEMPT_TIMEOUT_S, and requeues the ones to
-retry. Deliveries live in memory only: a restart loses what was pending.
+CONCURRENCY at a time (a slow receiver holds one slot, not the queue), each with a total timeout
+of ATTEMPT_TIMEOUT_S, and requeues the ones to retry. Deliveries live in memory only: a restart
+loses what was pending.
 """
 
 from __future__ import annotations
@@ -88,19 +89,33 @@ class WebhookNotifier:
             log.warning("stopping with %d webhook deliveries not sent", len(self.outbox))
 
     async def _run(self) -> None:
-        while True:
-            due = self.outbox.take_due(self._clock(), CONCURRENCY)
-            if due:
-                await asyncio.gather(*(self._attempt(d) for d in due))
-                continue
-            next_at = self.outbox.next_due()
-            self._wake.clear()
-            wait = None if next_at is None else max(0.0, next_at - self._clock())
-            try:
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+        sending: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            sending.discard(task)
+            self._wake.set()  # a slot is free
+            if not task.cancelled() and task.exception() is not None:
+                log.error("webhook attempt crashed", exc_info=task.exception())
+
+        try:
+            while True:
+                self._wake.clear()
+                # A slow receiver holds one slot, not the whole queue.
+                for delivery in self.outbox.take_due(self._clock(), CONCURRENCY - len(sending)):
+                    task = asyncio.create_task(self._attempt(delivery))
+                    sending.add(task)
+                    task.add_done_callback(done)
+                next_at = self.outbox.next_due() if len(sending) < CONCURRENCY else None
+                wait = None if next_at is None else max(0.0, next_at - self._clock())
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            for task in sending:
+                task.cancel()
+            await asyncio.gather(*sending, return_exceptions=True)
 
     async def _attempt(self, delivery: Delivery) -> None:
         hook = self._hooks[delivery.hook]

@@ -148,3 +148,38 @@ async def test_no_webhooks_no_task(start_mock: StartMock, start_gateway: StartGa
     assert (await gw.admin.post("/admin/upstreams/a/drain", headers=AUTH)).status == 200
     assert len(gw.state.notifier.outbox) == 0
     assert gw.sample("gateway_webhook_deliveries_total", {"result": "dropped"}) == 0
+
+
+async def test_a_slow_receiver_does_not_hold_up_the_others(aiohttp_server: AiohttpServer) -> None:
+    receiver = Receiver()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/{name}", receiver.handle)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("")).rstrip("/")
+    hooks = [
+        WebhookSettings(url=f"{base}/slow", secret=SECRET),
+        WebhookSettings(url=f"{base}/fast", secret=SECRET),
+    ]
+    counted: list[Result] = []
+    notifier = WebhookNotifier(
+        hooks, counted.append, clock=asyncio.get_running_loop().time, wall_clock=time.time
+    )
+    await notifier.start()
+    try:
+        notifier.emit(WebhookEvent.EJECTED, {"upstream": "a"})
+        notifier.emit(WebhookEvent.RECOVERED, {"upstream": "a"})
+        await receiver.wait("fast", 2, timeout_s=2.0)  # while both slow deliveries are still waiting
+        assert [Webhook(SECRET).verify(b, h)["type"] for h, b in receiver.calls["fast"]] == [
+            "ejected",
+            "recovered",
+        ]
+    finally:
+        release.set()
+        await notifier.stop()
