@@ -173,13 +173,12 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(aiohttp_server: Aioht
     )
     await notifier.start()
     try:
-        notifier.emit(WebhookEvent.EJECTED, {"upstream": "a"})
-        notifier.emit(WebhookEvent.RECOVERED, {"upstream": "a"})
-        await receiver.wait("fast", 2, timeout_s=2.0)  # while both slow deliveries are still waiting
-        assert [Webhook(SECRET).verify(b, h)["type"] for h, b in receiver.calls["fast"]] == [
-            "ejected",
-            "recovered",
-        ]
+        # Six deliveries for four slots: the third fast one gets a slot freed by the first two.
+        for event in (WebhookEvent.EJECTED, WebhookEvent.RECOVERED, WebhookEvent.DRAINED):
+            notifier.emit(event, {"upstream": "a"})
+        await receiver.wait("fast", 3, timeout_s=2.0)  # while every slow delivery is still waiting
+        types = [Webhook(SECRET).verify(b, h)["type"] for h, b in receiver.calls["fast"]]
+        assert types == ["ejected", "recovered", "drained"]
     finally:
         release.set()
         await notifier.stop()
