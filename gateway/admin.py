@@ -60,6 +60,10 @@ def _view(gw: Gateway, up: Upstream, now: float) -> dict[str, Any]:
         "url": up.base_url,
         "priority": up.priority,
         "weight": up.weight,
+        "effective_weight": round(
+            up.refresh_weight(now, gw.pool.slow_start_s, gw.pool.slow_start_aggression), 6
+        ),
+        "slow_start_until": until(up.slow_start_ends_at(gw.pool.slow_start_s)),
         "state": h.state(now).value,
         "routable": h.routable(now),
         "latency_ewma_s": round(up.latency_s, 6),
@@ -75,6 +79,7 @@ def _view(gw: Gateway, up: Upstream, now: float) -> dict[str, Any]:
             "passing": h.probe_healthy,
             "consecutive_failures": h.check_failures,
             "consecutive_successes": h.check_successes,
+            "misconfiguration": up.check_problem,
         },
         "drained": h.drained,
     }
@@ -90,6 +95,12 @@ async def list_upstreams(request: web.Request) -> web.Response:
             "upstreams": [_view(gw, up, now) for up in gw.pool.upstreams],
         }
     )
+
+
+async def redundancy(request: web.Request) -> web.Response:
+    """The fleet's redundancy level, whether it is degraded, and why."""
+    gw = request.app[GATEWAY]
+    return _json(gw.pool.redundancy(gw.clock()).to_json())
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -151,6 +162,7 @@ def admin_routes(
     metrics: Handler,
     list_upstreams: Handler,
     list_events: Handler,
+    redundancy: Handler,
     drain: Handler,
     enable: Handler,
 ) -> list[web.RouteDef]:
@@ -161,6 +173,7 @@ def admin_routes(
         web.get("/metrics", metrics),
         web.get("/admin/upstreams", list_upstreams),
         web.get("/admin/events", list_events),
+        web.get("/admin/redundancy", redundancy),
         web.post("/admin/upstreams/{name}/drain", drain),
         web.post("/admin/upstreams/{name}/enable", enable),
     ]
@@ -175,6 +188,7 @@ def add_admin_routes(app: web.Application) -> None:
             metrics=metrics,
             list_upstreams=list_upstreams,
             list_events=list_events,
+            redundancy=redundancy,
             drain=drain,
             enable=enable,
         )

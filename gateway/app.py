@@ -27,11 +27,14 @@ from gateway.http.server import HttpServer
 from gateway.load_poller import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policy.budget import RetryBudget
-from gateway.policy.outlier import Transition
+from gateway.policy.outlier import State, Transition
+from gateway.policy.shared import SharedChange, SharedLog, to_share
 from gateway.policy.upstreams import Pool, Upstream
+from gateway.policy.webhooks import FleetWatch, upstream_event
 from gateway.prober import HealthProber
 from gateway.proxy import Proxy
 from gateway.retry_gate import RetryGate
+from gateway.webhooks import WebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,22 @@ class Gateway:
             keepalive_s=settings.upstream_keepalive_s,
             egress=self.egress,
         )
+        # Changes the other workers of --workers N should adopt (gateway/workers/shared_state.py).
+        self.shared = SharedLog(epoch=f"{os.getpid()}.{id(self):x}")
+        self.shared_changed = asyncio.Event()
+        self._adopting = False
+        now = clock()
+        self.fleet_watch = FleetWatch(self.pool.redundancy(now), self.pool.serving_tier(now))
+        self.notifier = WebhookNotifier(
+            settings.webhooks, self.metrics.count_webhook, clock=clock, wall_clock=wall_clock
+        )
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the health checks and the idle-connection sweep on the running loop."""
         await self.prober.start()
         await self.load_poller.start()
+        await self.notifier.start()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -124,6 +137,7 @@ class Gateway:
             self._sweeper = None
         await self.prober.stop()
         await self.load_poller.stop()
+        await self.notifier.stop()
         if self.proxy.front_door is not None:
             await self.proxy.front_door.close()
         if self.proxy.tracing is not None:
@@ -131,9 +145,32 @@ class Gateway:
         for client in self.clients:
             client.close()
 
+    def adopt_shared(self, changes: list[SharedChange]) -> int:
+        """Apply changes other workers saw (never shared again); how many named a known upstream."""
+        now = self.clock()
+        applied = 0
+        self._adopting = True
+        try:
+            for c in changes:
+                up = self.pool.by_name.get(c.upstream)
+                if up is not None:
+                    self.pool.adopt(up, c, now)
+                    applied += 1
+        finally:
+            self._adopting = False
+        return applied
+
     def _on_transition(self, up: Upstream, change: Transition, now: float) -> None:
         log.info("upstream %s: %s -> %s (%s)", up.name, change.before, change.after, change.reason)
-        ejection = self.metrics.per_upstream[up.name].ejections.get(change.after)
+        if not self._adopting:
+            shared = to_share(up.name, up.health, change, now)
+            if shared is not None:
+                self.shared.add(shared)
+                self.shared_changed.set()
+        counters = self.metrics.per_upstream[up.name]
+        ejection = counters.ejections.get(change.after)
+        if ejection is not None and self._adopting and change.after is not State.DRAINED:
+            ejection = counters.shared_ejections
         if ejection is not None:
             ejection.inc()
         self.events.append(
@@ -145,6 +182,17 @@ class Gateway:
                 "reason": change.reason,
             }
         )
+        self._notify_webhooks(up, change, now)
+
+    def _notify_webhooks(self, up: Upstream, change: Transition, now: float) -> None:
+        event = upstream_event(change)
+        if event is not None:
+            data = {"upstream": up.name, "from": change.before.value, "to": change.after.value}
+            self.notifier.emit(event, {**data, "reason": change.reason})
+        for fleet_event, fleet_data in self.fleet_watch.observe(
+            self.pool.redundancy(now), self.pool.serving_tier(now)
+        ):
+            self.notifier.emit(fleet_event, fleet_data)
 
 
 Egress = tuple[ProxyConfig | None, ssl.SSLContext | None]

@@ -7,6 +7,8 @@ Validation errors name the field; `describe_validation_error` turns them into on
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import ssl
@@ -74,6 +76,33 @@ class Continuation(StrEnum):
 
     NONE = "none"
     PREFILL = "prefill"
+
+
+class WebhookEvent(StrEnum):
+    """A fleet state change a webhook can subscribe to (gateway/policy/webhooks.py)."""
+
+    EJECTED = "ejected"
+    RECOVERED = "recovered"
+    DRAINED = "drained"
+    DEGRADED = "degraded"
+    FAILOVER = "failover"
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def load_webhook_secret(text: str) -> bytes:
+    """The key of a `whsec_<base64>` secret (Standard Webhooks); ValueError saying what is wrong."""
+    if not text.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("the secret must look like whsec_<base64> (Standard Webhooks format)")
+    encoded = text[len(WEBHOOK_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part of the secret after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("the secret's key must be at least 16 bytes (24 base64 characters)")
+    return key
 
 
 class ConfigError(Exception):
@@ -409,6 +438,46 @@ class RetrySettings(_Frozen):
         return value
 
 
+def _split_list(value: Any) -> Any:
+    """A comma-separated string (as an environment variable gives it) or a JSON list, as a list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def parse_status_ranges(items: Any) -> frozenset[int]:
+    """HTTP statuses from ints and `"LOW-HIGH"` ranges (inclusive); ValueError naming a bad item."""
+    if isinstance(items, int | str):
+        items = [items]
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"{item!r} is not an HTTP status")
+        low: int | None = None
+        high: int | None = None
+        if isinstance(item, int):
+            low = high = item
+        elif isinstance(item, str):
+            first, sep, last = item.strip().partition("-")
+            if first.strip().isdigit() and (not sep or last.strip().isdigit()):
+                low = int(first)
+                high = int(last) if sep else low
+        if low is None or high is None:
+            raise ValueError(f"{item!r} is not a status or a range such as 200-299")
+        if not (100 <= low <= high <= 599):
+            raise ValueError(f"{item!r} must be statuses within 100-599, low to high")
+        out.update(range(low, high + 1))
+    if not out:
+        raise ValueError("give at least one status, e.g. 200-299")
+    return frozenset(out)
+
+
 class HealthSettings(_Frozen):
     """Active health checks: a cheap GET of each upstream's health path."""
 
@@ -417,6 +486,13 @@ class HealthSettings(_Frozen):
     jitter_ratio: float = Field(0.1, ge=0, le=1)
     unhealthy_threshold: int = Field(3, ge=1)
     healthy_threshold: int = Field(2, ge=1)
+    # Statuses that pass a check: ints and "LOW-HIGH" ranges (GATEWAY_HEALTH__EXPECTED_STATUSES=200-299,401).
+    expected_statuses: Annotated[frozenset[int], NoDecode] = frozenset(range(200, 300))
+
+    @field_validator("expected_statuses", mode="before")
+    @classmethod
+    def _parse_statuses(cls, value: Any) -> Any:
+        return parse_status_ranges(_split_list(value))
 
 
 class OutlierSettings(_Frozen):
@@ -427,6 +503,9 @@ class OutlierSettings(_Frozen):
     max_ejection_s: float = Field(300.0, gt=0)
     rate_limit_cooldown_s: float = Field(5.0, ge=0)
     max_rate_limit_cooldown_s: float = Field(60.0, ge=0)
+    # Off: only a successful request (or the ejection running out) ends an ejection, since an
+    # inference server often answers /health while its inference fails. On: a passing check too.
+    uneject_on_health_check: bool = False
 
 
 class CallerSettings(_Frozen):
@@ -463,6 +542,45 @@ class CallerSettings(_Frozen):
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"caller {self.name!r}: give exactly one of key or key_sha256")
         return self
+
+
+class WebhookSettings(_Frozen):
+    """One receiver of fleet state changes."""
+
+    url: str
+    events: frozenset[WebhookEvent] = frozenset(WebhookEvent)
+    # whsec_<base64>; `${VAR}` is expanded from the environment so the secret stays out of files.
+    secret: SecretStr
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{value[:200]!r} is not a URL; use http(s)://host[:port]/path") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{value[:200]!r} is not an http(s) URL")
+        if url.user is not None or url.password is not None:
+            raise ValueError("must not carry credentials (user:password@); deliveries are signed instead")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, value: frozenset[WebhookEvent]) -> frozenset[WebhookEvent]:
+        if not value:
+            raise ValueError(f"give at least one of {', '.join(e.value for e in WebhookEvent)}")
+        return value
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _expand_secret(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = expand_env_refs(value.strip(), os.environ)
+            load_webhook_secret(value)
+        return value
 
 
 def _parse_upstreams(value: Any) -> Any:
@@ -507,6 +625,10 @@ class GatewaySettings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     outlier: OutlierSettings = OutlierSettings()
+    # A new or recovered upstream's weight ramps up over this long (0: off), as Envoy's slow start;
+    # aggression 1 is linear, higher climbs faster early (policy/slow_start.py).
+    slow_start_s: float = Field(30.0, ge=0)
+    slow_start_aggression: float = Field(1.0, gt=0)
     # Peak-EWMA decay window and the estimate a new or recovered upstream starts from.
     ewma_decay_s: float = Field(10.0, gt=0)
     ewma_default_s: float = Field(0.05, gt=0)
@@ -535,8 +657,10 @@ class GatewaySettings(BaseSettings):
     model_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
     # Callers of a shared gateway; when set, every proxied request must carry a caller's key.
     callers: Annotated[list[CallerSettings], NoDecode] = Field(default_factory=list)
+    # Receivers of fleet state changes (gateway/policy/webhooks.py); JSON in GATEWAY_WEBHOOKS.
+    webhooks: Annotated[list[WebhookSettings], NoDecode] = Field(default_factory=list)
     # Proxy processes sharing the port (SO_REUSEPORT); above 1 the `gateway` process supervises
-    # them. Health, ejection, EWMA and the retry budget are then per worker (see the README).
+    # them. Checks, EWMA and the retry budget are then per worker; ejections are shared (README).
     workers: int = Field(1, ge=1)
 
     @field_validator("upstreams", mode="before")
@@ -544,7 +668,7 @@ class GatewaySettings(BaseSettings):
     def _split_upstreams(cls, value: Any) -> Any:
         return _parse_upstreams(value)
 
-    @field_validator("callers", mode="before")
+    @field_validator("callers", "webhooks", mode="before")
     @classmethod
     def _callers_json(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -25,6 +25,7 @@ from gateway.policy.classify import Outcome
 from gateway.policy.load import fresh
 from gateway.policy.outlier import State
 from gateway.policy.upstreams import Pool
+from gateway.policy.webhooks import Result
 
 # Our own overhead is microseconds to milliseconds; gaps between tokens are milliseconds to seconds.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -56,6 +57,7 @@ class UpstreamMetrics:
 
     __slots__ = (
         "chunk_gap",
+        "shared_ejections",
         "checks",
         "continuations",
         "ejections",
@@ -79,6 +81,8 @@ class UpstreamMetrics:
         }
         self.stream_aborts = m.stream_aborts.labels(name)
         self.ejections = {s: m.ejections.labels(name, r) for s, r in EJECTION_REASONS.items()}
+        # Ejections and cooldowns adopted from another worker (--workers), so sums count each once.
+        self.shared_ejections = m.ejections.labels(name, "shared")
         self.checks = {ok: m.health_checks.labels(name, "pass" if ok else "fail") for ok in (1, 0)}
 
 
@@ -208,7 +212,8 @@ class GatewayMetrics:
         )
         self.ejections = Counter(
             "gateway_upstream_ejections",
-            "Times an upstream was taken out of rotation, by cause.",
+            "Times an upstream was taken out of rotation, by cause (shared: adopted from another "
+            "worker under --workers, counted where it happened first).",
             ["upstream", "reason"],
             registry=registry,
         )
@@ -247,6 +252,14 @@ class GatewayMetrics:
             ["model", "fallback"],
             registry=registry,
         )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Webhook delivery attempts by result: delivered, retried (will be tried again), failed "
+            "(given up, or refused by the receiver), dropped (the queue was full).",
+            ["result"],
+            registry=registry,
+        )
+        self._webhook_results = {r: self.webhook_deliveries.labels(r.value) for r in Result}
         self.per_upstream = {u.name: UpstreamMetrics(self, u.name) for u in pool.upstreams}
         self._codes: dict[int, Counter] = {}
         self._model_codes: dict[tuple[str, str, int], Counter] = {}
@@ -259,6 +272,10 @@ class GatewayMetrics:
             child = self._codes[status] = self.requests.labels(str(status))
         child.inc()
         self.request_duration.observe(duration_s)
+
+    def count_webhook(self, result: Result) -> None:
+        """Count one webhook delivery attempt (or drop)."""
+        self._webhook_results[result].inc()
 
     def count_tokens(self, upstream: str, model: str, caller: str, prompt: int, completion: int) -> None:
         """Count the tokens one response reported."""
@@ -345,11 +362,26 @@ class PoolCollector(Collector):
             for s in State:
                 state.add_metric([up.name, s.value], 1.0 if s is current else 0.0)
         yield from self._engine_gauges(now)
+        yield from self._redundancy_gauges(now)
         total = GaugeMetricFamily("gateway_routable_upstreams", "Upstreams normal selection can use now.")
         total.add_metric([], routable)
         active = GaugeMetricFamily("gateway_requests_in_flight", "Requests being served now.")
         active.add_metric([], self._requests_in_flight())
         yield from (healthy, inflight, ewma, state, total, active)
+
+    def _redundancy_gauges(self, now: float) -> Iterator[Metric]:
+        r = self._pool.redundancy(now)
+        level = GaugeMetricFamily(
+            "gateway_redundancy_level",
+            "Routable upstreams of the primary tier: 0 none, 1 single, 2 dual, 3 multi (3 or more).",
+        )
+        level.add_metric([], r.level_value)
+        degraded = GaugeMetricFamily(
+            "gateway_degraded",
+            "1 while the fleet is degraded (see GET /admin/redundancy for the reasons).",
+        )
+        degraded.add_metric([], 1.0 if r.degraded else 0.0)
+        yield from (level, degraded)
 
     def _engine_gauges(self, now: float) -> Iterator[Metric]:
         waiting, running, kv = _fresh_gauges()

@@ -15,6 +15,7 @@ from yarl import URL
 from gateway.config import HealthSettings
 from gateway.http.egress import ProxyConfig
 from gateway.metrics import GatewayMetrics
+from gateway.policy.checks import MisconfigurationLatch, Verdict, judge
 from gateway.policy.upstreams import Pool, Upstream
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ class HealthProber:
             await self._session.close()
             self._session = None
 
-    async def check(self, up: Upstream) -> tuple[bool, str]:
-        """One check: True for a 2xx answer within the timeout, and what happened, for the log."""
+    async def check(self, up: Upstream) -> tuple[Verdict, str]:
+        """One check: its verdict (an expected status within the timeout) and what happened."""
         assert up.health_path is not None and self._session is not None, "start() first"
         url = URL(up.base_url + up.health_path, encoded=True)
         try:
@@ -115,27 +116,35 @@ class HealthProber:
                 url, timeout=self._timeout, allow_redirects=False, **self._options[up.name]
             ) as resp:
                 await resp.read()
-                return 200 <= resp.status < 300, f"GET {url} answered {resp.status}"
+                verdict = judge(resp.status, self._settings.expected_statuses, str(url))
+                return verdict, f"GET {url} answered {resp.status}"
         except TimeoutError:
-            return False, f"GET {url} got no answer within {self._settings.timeout_s:g} s"
+            return Verdict(False), f"GET {url} got no answer within {self._settings.timeout_s:g} s"
         except (aiohttp.ClientError, OSError) as exc:
-            return False, f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
+            return Verdict(False), f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
 
     async def _loop(self, up: Upstream) -> None:
         interval = self._settings.interval_s
         jitter = self._settings.jitter_ratio
         passing = True
+        latch = MisconfigurationLatch()
         while True:
-            ok, detail = await self.check(up)
-            if ok != passing:
+            verdict, detail = await self.check(up)
+            ok = verdict.ok
+            problem = latch.update(verdict)
+            up.check_problem = latch.current
+            if problem is not None:
+                # Once per upstream until the answer changes: a wrong path is not an outage.
+                log.warning("health check of %s is misconfigured: %s", up.name, problem)
+            elif ok != passing:
                 # Once per change, not per check: a dead upstream would otherwise log every interval.
                 if ok:
                     log.info("health check of %s passes again: %s", up.name, detail)
                 else:
                     log.warning("health check of %s failed: %s", up.name, detail)
-                passing = ok
             else:
                 log.debug("health check of %s: %s", up.name, detail)
+            passing = ok
             self._metrics.per_upstream[up.name].checks[ok].inc()
             self._pool.record_check(up, ok, self._clock())
             # Jitter spreads the checks of many gateway replicas over the interval.

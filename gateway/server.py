@@ -94,7 +94,12 @@ async def serve(
     for name in drained:
         if name in gateway.pool.by_name:
             gateway.pool.drain(gateway.pool.by_name[name], gateway.clock())
-    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
+    admin_app = create_admin_app(gateway)
+    if admin_socket is not None:
+        from gateway.workers.shared_state import add_worker_routes  # workers only; it imports the app
+
+        add_worker_routes(admin_app)
+    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
     server: HttpServer | None = None
     try:

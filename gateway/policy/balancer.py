@@ -6,6 +6,8 @@
   round_robin     smooth weighted round robin (nginx's algorithm): even spread, weights honoured.
   least_inflight  fewest requests in flight per unit of weight; ties broken at random.
   priority        always the first candidate in configuration order.
+Every rule reads the candidate's effective weight: its configured weight scaled by slow start
+(policy/slow_start.py) while it ramps up after entering service.
 Randomness comes in as `rng`; the candidate objects carry the state these rules read.
 """
 
@@ -22,7 +24,7 @@ class Candidate(Protocol):
     """What selection reads of an upstream."""
 
     @property
-    def weight(self) -> float: ...
+    def effective_weight(self) -> float: ...
     @property
     def inflight(self) -> int: ...
     @property
@@ -48,19 +50,19 @@ def cost(c: Candidate) -> float:
     """
     if not c.measured and c.inflight == 0:
         return 0.0
-    return c.latency_s * (c.inflight + 1) / c.weight
+    return c.latency_s * (c.inflight + 1) / c.effective_weight
 
 
 def _weighted_pair(cands: Sequence[C], rng: random.Random) -> tuple[C, C]:
-    first = rng.choices(cands, weights=[c.weight for c in cands])[0]
+    first = rng.choices(cands, weights=[c.effective_weight for c in cands])[0]
     rest = [c for c in cands if c is not first]
-    second = rng.choices(rest, weights=[c.weight for c in rest])[0]
+    second = rng.choices(rest, weights=[c.effective_weight for c in rest])[0]
     return first, second
 
 
 def _uniform_weights(cands: Sequence[Candidate]) -> bool:
-    w = cands[0].weight
-    return all(c.weight == w for c in cands)
+    w = cands[0].effective_weight
+    return all(c.effective_weight == w for c in cands)
 
 
 def pick_p2c(cands: Sequence[C], rng: random.Random) -> C:
@@ -84,8 +86,8 @@ def pick_round_robin(cands: Sequence[C]) -> C:
     total = 0.0
     best = cands[0]
     for c in cands:
-        c.rr_current += c.weight
-        total += c.weight
+        c.rr_current += c.effective_weight
+        total += c.effective_weight
         if c.rr_current > best.rr_current:
             best = c
     best.rr_current -= total
@@ -94,7 +96,7 @@ def pick_round_robin(cands: Sequence[C]) -> C:
 
 def pick_least_inflight(cands: Sequence[C], rng: random.Random) -> C:
     """Fewest in-flight requests per weight; a random one among ties."""
-    loads = [c.inflight / c.weight for c in cands]
+    loads = [c.inflight / c.effective_weight for c in cands]
     low = min(loads)
     tied = [c for c, load in zip(cands, loads, strict=True) if load == low]
     return tied[0] if len(tied) == 1 else rng.choice(tied)

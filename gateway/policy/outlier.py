@@ -6,7 +6,9 @@ Four independent conditions make an upstream unroutable, and its state is the mo
                checks in a row bring it back.
   ejected      `consecutive_failures` failed attempts in a row; lasts base_ejection_s times the
                ejection count (which decays while the upstream behaves), capped at max_ejection_s
-               (Envoy's outlier detection). A passing check or a successful attempt ends it early.
+               (Envoy's outlier detection). A successful attempt ends it early; a passing check
+               does too only with `uneject_on_health_check`, since inference servers often
+               answer their health path while inference fails.
   cooling_down it answered 429; lasts its Retry-After (default and cap from settings).
 Time (`now`, monotonic seconds) is passed in. Every method that may change the state returns the
 Transition it caused, or None, so the caller can log and count each change exactly once.
@@ -134,7 +136,8 @@ class UpstreamHealth:
             if not self.probe_healthy and self.check_successes >= self._health.healthy_threshold:
                 self.probe_healthy = True
                 reason = f"{self.check_successes} health checks passed"
-            if self.ejected_until is not None and now < self.ejected_until:
+            ejected = self.ejected_until is not None and now < self.ejected_until
+            if ejected and self._outlier.uneject_on_health_check:
                 self._end_ejection(now)
                 reason = "health check passed while ejected"
             return self._settle(now, reason)
@@ -144,6 +147,27 @@ class UpstreamHealth:
             self.probe_healthy = False
             return self._settle(now, f"{self.check_failures} health checks failed")
         return self._settle(now, "health check failed")
+
+    def adopt_ejection(self, for_s: float, ejection_count: int, now: float) -> Transition | None:
+        """Another worker ejected this upstream for `for_s` more seconds: do the same here."""
+        until = now + max(0.0, for_s)
+        if self.ejected_until is None or self.ejected_until < until:
+            self.ejected_until = until
+            self.last_ejection_end = until
+        self.ejection_count = max(self.ejection_count, ejection_count)
+        self.consecutive_failures = 0
+        return self._settle(now, "ejected by another worker")
+
+    def adopt_cooldown(self, for_s: float, now: float) -> Transition | None:
+        """Another worker got a 429 from this upstream: cool down for the rest of its wait too."""
+        self.cooldown_until = max(self.cooldown_until or 0.0, now + max(0.0, for_s))
+        return self._settle(now, "rate limited (429) at another worker")
+
+    def adopt_unejection(self, now: float) -> Transition | None:
+        """Another worker's request succeeded while the upstream was ejected: end it here too."""
+        if self.ejected_until is not None and now < self.ejected_until:
+            self._end_ejection(now)
+        return self._settle(now, "request succeeded at another worker")
 
     def drain(self, now: float) -> Transition | None:
         """Take the upstream out of rotation until `enable`."""

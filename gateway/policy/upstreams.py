@@ -14,6 +14,8 @@ Outcomes feed the health state machine (outlier.py) and the peak-EWMA latency es
 folded in as at least FAILURE_PENALTY_S so a fast-failing upstream never looks fast; 429s are not
 folded in at all. An upstream that becomes routable again restarts from a neutral estimate (the
 median of the others) so it earns traffic instead of carrying a stale failure penalty.
+Slow start: an upstream back from ejected, unhealthy or drained has its weight ramped up over
+`slow_start_s` (policy/slow_start.py) in every weighted strategy.
 Pure: time and randomness come in as arguments; state changes go out through `on_transition`.
 """
 
@@ -31,12 +33,17 @@ from gateway.policy.engine import EngineRules, all_saturated, pick_engine
 from gateway.policy.ewma import PeakEwma
 from gateway.policy.load import EngineLoad
 from gateway.policy.outlier import State, Transition, UpstreamHealth
+from gateway.policy.redundancy import Member, Redundancy, assess
+from gateway.policy.shared import Kind, SharedChange
+from gateway.policy.slow_start import ramp
 
 FAILURE_PENALTY_S = 1.0
 DEFAULT_STALE_S = 3.0  # how long an ORCA report holds when the upstream has no load_metrics
 # Longest Retry-After the gateway suggests for a wait that is not a rate-limit cooldown.
 RETRY_AFTER_CAP_S = 2.0
 _NO_TIER = 1 << 62
+# Coming back from these starts slow start; a 429 cooldown ending does not (it was not unwell).
+_RAMPED_AFTER = frozenset({State.EJECTED, State.UNHEALTHY, State.DRAINED})
 
 
 class Upstream:
@@ -44,7 +51,9 @@ class Upstream:
 
     __slots__ = (
         "base_url",
+        "check_problem",
         "continues",
+        "effective_weight",
         "engine",
         "ewma",
         "headers",
@@ -58,6 +67,7 @@ class Upstream:
         "priority",
         "rr_current",
         "sent_since_report",
+        "serving_since",
         "stale_s",
         "waiting",
         "weight",
@@ -69,11 +79,17 @@ class Upstream:
         self.base_url = cfg.url
         self.priority = cfg.priority
         self.weight = cfg.weight
+        # The weight selection uses now: `weight` scaled down by slow start while it ramps up.
+        self.effective_weight = cfg.weight
+        # When slow start began (monotonic); -inf for the upstreams the gateway started with.
+        self.serving_since = float("-inf")
         self.max_inflight = cfg.max_inflight
         self.max_context = cfg.max_context
         self.continues = cfg.continuation is Continuation.PREFILL  # can finish a cut stream
         self.headers = tuple(cfg.headers.items())
         self.health_path = cfg.health_path
+        # What the latest active check revealed about its own configuration (a wrong path), if anything.
+        self.check_problem: str | None = None
         self.health = UpstreamHealth(settings.outlier, settings.health)
         self.ewma = PeakEwma(settings.ewma_decay_s, settings.ewma_default_s, now)
         self.inflight = 0
@@ -94,6 +110,20 @@ class Upstream:
     def measured(self) -> bool:
         """False until the first latency sample after start or recovery."""
         return self.ewma.measured
+
+    def begin_slow_start(self, now: float) -> None:
+        """The upstream (re)enters service at `now`: its share ramps up from here."""
+        self.serving_since = now
+
+    def refresh_weight(self, now: float, window_s: float, aggression: float) -> float:
+        """Recompute `effective_weight` for `now` (policy/slow_start.py) and return it."""
+        self.effective_weight = self.weight * ramp(now - self.serving_since, window_s, aggression)
+        return self.effective_weight
+
+    def slow_start_ends_at(self, window_s: float) -> float | None:
+        """When the ramp ends (monotonic), or None when it is not ramping."""
+        end = self.serving_since + window_s
+        return end if window_s > 0 and end != float("-inf") else None
 
     def attempt_started(self, attempt: object, now: float) -> None:
         """An attempt was sent here: in flight, and waiting for its headers."""
@@ -149,6 +179,8 @@ class Pool:
         on_transition: TransitionListener | None = None,
     ) -> None:
         self.strategy = settings.strategy
+        self.slow_start_s = settings.slow_start_s
+        self.slow_start_aggression = settings.slow_start_aggression
         sat = settings.saturation
         self.engine_rules = EngineRules(sat.queue, sat.kv, settings.affinity.slack)
         self._default_latency_s = settings.ewma_default_s
@@ -187,6 +219,9 @@ class Pool:
             cands, healthy = self._candidates(now, accept)
             wait_s = 0.0
         if cands:
+            if self.slow_start_s > 0:
+                for u in cands:
+                    u.refresh_weight(now, self.slow_start_s, self.slow_start_aggression)
             if self.strategy is Strategy.LATENCY:
                 for u in cands:
                     u.ewma.decay(now, u.oldest_wait_s(now) if u.waiting else 0.0)
@@ -340,6 +375,16 @@ class Pool:
         """Fold one active health check into the upstream's health."""
         self._notify(up, up.health.record_check(ok, now), now)
 
+    def adopt(self, up: Upstream, change: SharedChange, now: float) -> None:
+        """Apply a state change another worker saw (policy/shared.py)."""
+        h = up.health
+        if change.kind is Kind.EJECTED:
+            self._notify(up, h.adopt_ejection(change.for_s, change.ejection_count, now), now)
+        elif change.kind is Kind.COOLDOWN:
+            self._notify(up, h.adopt_cooldown(change.for_s, now), now)
+        else:
+            self._notify(up, h.adopt_unejection(now), now)
+
     def drain(self, up: Upstream, now: float) -> None:
         """Take `up` out of rotation (operator action)."""
         self._notify(up, up.health.drain(now), now)
@@ -352,6 +397,14 @@ class Pool:
         """Emit transitions that happened by time alone (ejections and cooldowns ending)."""
         for up in self.upstreams:
             self._notify(up, up.health.refresh(now), now)
+
+    def redundancy(self, now: float) -> Redundancy:
+        """The fleet's redundancy level and whether it is degraded (policy/redundancy.py)."""
+        return assess(Member(u.name, u.priority, u.health.routable(now)) for u in self.upstreams)
+
+    def serving_tier(self, now: float) -> int | None:
+        """The tier normal selection sends traffic to now (lowest with a routable upstream), if any."""
+        return min((u.priority for u in self.upstreams if u.health.routable(now)), default=None)
 
     def routable_count(self, now: float) -> int:
         """How many upstreams normal selection could use now."""
@@ -398,5 +451,7 @@ class Pool:
             return
         if change.after is State.HEALTHY:
             up.ewma.reset(self._neutral_latency_s(up, now), now)
+            if change.before in _RAMPED_AFTER:
+                up.begin_slow_start(now)
         if self._on_transition is not None:
             self._on_transition(up, change, now)

@@ -2,7 +2,8 @@
 
 Every worker serves the normal admin app on a unix socket in a private directory. These handlers
 ask all workers at once and merge what they say. The merge functions (`merge_metrics`,
-`merge_upstreams`, `merge_events`, `merge_readiness`, `merge_mutation`) do no I/O, so they are
+`merge_upstreams`, `merge_events`, `merge_readiness`, `merge_mutation`,
+`merge_redundancy`) do no I/O, so they are
 tested on plain values.
 """
 
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from gateway.admin import admin_routes, check_token
+from gateway.policy.redundancy import LEVELS, worst
 
 WORKER_LABEL = "worker"
 # Below the chart's 2 s probe timeout, so a hung worker gives a 503 rather than a probe timeout.
@@ -172,6 +174,30 @@ def merge_readiness(answers: Sequence[WorkerAnswer]) -> tuple[int, dict[str, Any
     return (200 if ready else 503), body
 
 
+def merge_redundancy(answers: Sequence[WorkerAnswer]) -> dict[str, Any]:
+    """The worst worker's level, degraded if any worker is (or did not answer), each worker's view.
+
+    A worker that did not answer makes the fleet degraded: its share of the traffic may be
+    going anywhere, and nothing says otherwise.
+    """
+    views = [a.body for a in answers if a.ok and isinstance(a.body, dict)]
+    level, degraded, reasons = worst(views)
+    silent = [a.worker for a in answers if not (a.ok and isinstance(a.body, dict))]
+    if silent and views:
+        degraded = True
+        reasons.append(f"worker(s) {', '.join(map(str, silent))} did not answer")
+    return {
+        "level": level,
+        "level_value": LEVELS.index(level),
+        "degraded": degraded,
+        "reasons": reasons,
+        "workers": [
+            {"worker": a.worker, "pid": a.pid, **a.body} if a.worker not in silent else a.failure()
+            for a in answers
+        ],
+    }
+
+
 def merge_mutation(answers: Sequence[WorkerAnswer]) -> tuple[int, dict[str, Any]]:
     """Answer like worker 0 when every worker agreed; 502 naming the workers that did not."""
     results = [
@@ -204,19 +230,21 @@ async def ask(
     timeout_s: float,
     headers: Mapping[str, str] | None = None,
     text: bool = False,
+    body: bytes | None = None,
 ) -> WorkerAnswer:
-    """One request to a worker's admin socket; never raises for a dead or hung worker."""
+    """One request to a worker's admin socket (`body`: JSON to send); never raises for a dead worker."""
     if not ref.alive:
         return WorkerAnswer(ref.index, ref.pid, error="not running (being replaced)")
     try:
         async with ref.session.request(
             method,
             f"http://worker{path}",
-            headers=headers,
+            headers={**(headers or {}), "Content-Type": "application/json"} if body is not None else headers,
+            data=body,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
-            body: Any = await resp.text() if text else orjson.loads(await resp.read())
-            return WorkerAnswer(ref.index, ref.pid, resp.status, body)
+            answer: Any = await resp.text() if text else orjson.loads(await resp.read())
+            return WorkerAnswer(ref.index, ref.pid, resp.status, answer)
     except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
         return WorkerAnswer(ref.index, ref.pid, error=f"no answer: {type(exc).__name__}: {exc}")
 
@@ -309,6 +337,11 @@ async def list_events(request: web.Request) -> web.Response:
     return _json(merge_events(await ask_all(request.app[FLEET], "GET", "/admin/events")))
 
 
+async def redundancy(request: web.Request) -> web.Response:
+    """The fleet's redundancy: the worst of the workers, with each worker's view."""
+    return _json(merge_redundancy(await ask_all(request.app[FLEET], "GET", "/admin/redundancy")))
+
+
 async def _mutate(request: web.Request, drain: bool) -> web.Response:
     fleet = request.app[FLEET]
     denied = check_token(request, fleet.admin_token)
@@ -344,6 +377,7 @@ def create_supervisor_admin_app(fleet: Fleet) -> web.Application:
             metrics=metrics,
             list_upstreams=list_upstreams,
             list_events=list_events,
+            redundancy=redundancy,
             drain=drain,
             enable=enable,
         )

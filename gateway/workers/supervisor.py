@@ -4,8 +4,8 @@ The supervisor reserves the port (SO_REUSEPORT, bound but never listening), spaw
 and lets the kernel spread new connections over them. It serves the merged admin API on the admin
 port (`gateway.workers.fleet_admin`), asking each worker over a unix socket in a private 0700 directory.
 A worker that exits is replaced after a backoff; SIGTERM/SIGINT stops every worker within the
-grace period. Each worker is a whole gateway: health checks, ejection, EWMA and retry budget are
-per worker.
+grace period. Each worker is a whole gateway: health checks, EWMA and retry budget are per worker;
+ejections and 429 cooldowns are relayed to every worker (gateway.workers.shared_state).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,7 @@ from gateway import __version__
 from gateway.config import GatewaySettings
 from gateway.server import configure_logging, run, serve
 from gateway.workers.fleet_admin import WorkerRef, ask, bearer, create_supervisor_admin_app, mutation_path
+from gateway.workers.shared_state import SharedStateRelay
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,12 @@ def run_worker(
 ) -> None:
     """Entry point of a spawned worker: the normal gateway on the shared port."""
     configure_logging(settings.log_level, worker=index)
-    worker_settings = settings.model_copy(update={"port": port, "workers": 1})
+    # Ejections are shared, so worker 0 sees the whole fleet's changes: it alone sends webhooks,
+    # rather than every worker sending the same event.
+    update: dict[str, Any] = {"port": port, "workers": 1}
+    if index != 0:
+        update["webhooks"] = []
+    worker_settings = settings.model_copy(update=update)
     try:
         run(lambda: _serve_worker(worker_settings, admin_socket, drained))
     except OSError as err:
@@ -209,6 +216,8 @@ class Supervisor:
         self._started = False
         self._stopping = False
         self.stop_requested = asyncio.Event()
+        self.relay = SharedStateRelay(self.workers, clock=clock)
+        self._relaying: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Supervisor:
         for index in range(self.settings.workers):
@@ -260,13 +269,17 @@ class Supervisor:
                 why = "no answer" if slot.alive else describe_exit(code)
                 raise WorkerStartError(f"worker {slot.index} did not start ({why}); see its log above")
         self._started = True
+        self._relaying = [
+            asyncio.create_task(self.relay.follow(s.index), name=f"shared-state:{s.index}")
+            for s in self._slots
+        ]
 
     async def stop_all(self) -> None:
         """SIGTERM every worker, wait out their grace period, then kill stragglers."""
         self._stopping = True
-        for task in self._replacing:
+        for task in [*self._replacing, *self._relaying]:
             task.cancel()
-        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*self._replacing, *self._relaying, return_exceptions=True)
         for slot in self._slots:
             if slot.process is not None and slot.alive:
                 slot.process.terminate()
@@ -339,6 +352,7 @@ class Supervisor:
         self._spawn(slot)
         if await self._wait_ready(slot, START_TIMEOUT_S):
             await self._catch_up_drains(slot)
+            await self.relay.catch_up(WorkerRef(slot.index, slot.pid, slot.alive, slot.session))
             log.info("worker %d replaced: pid %s serving on port %d", slot.index, slot.pid, self.port)
 
     async def _wait_ready(self, slot: WorkerSlot, timeout_s: float) -> bool:

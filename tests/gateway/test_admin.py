@@ -250,7 +250,8 @@ async def test_drained_upstream_gets_no_traffic_until_enabled(
 ) -> None:
     a = await start_mock("a")
     b = await start_mock("b")
-    gw = await start_gateway(a.spec, b.spec, admin_token="s3cret", strategy="round_robin")
+    # Full share at once after enable: slow start's ramp has its own test (test_slow_start_http.py).
+    gw = await start_gateway(a.spec, b.spec, admin_token="s3cret", strategy="round_robin", slow_start_s=0)
     for _ in range(4):
         assert (await gw.client.post("/v1/chat/completions", json=CHAT)).status == 200
     assert (a.stats.requests, b.stats.requests) == (2, 2)
@@ -331,3 +332,26 @@ async def test_all_drained_proxy_answers_no_upstream_available(
     resp = await gw.client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 200
     assert resp.headers["X-Gateway-Upstream"] == "b"
+
+
+async def test_redundancy_follows_drains_and_is_exported(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    a = await start_mock("a")
+    b = await start_mock("b")
+    c = await start_mock("c")
+    backup = {"name": "c", "url": c.url, "priority": 1}
+    gw = await start_gateway(a.spec, b.spec, backup, admin_token="s3cret")
+    data = await (await gw.admin.get("/admin/redundancy")).json()
+    assert (data["level"], data["degraded"], data["reasons"]) == ("dual", False, [])
+    assert gw.sample("gateway_redundancy_level") == 2 and gw.sample("gateway_degraded") == 0
+    assert (await gw.admin.post("/admin/upstreams/c/drain", headers=AUTH)).status == 200
+    data = await (await gw.admin.get("/admin/redundancy")).json()
+    assert data["degraded"] and data["level"] == "dual"
+    assert data["reasons"] == ["no backup is routable (0 of 1 in the tiers above priority 0)"]
+    assert gw.sample("gateway_degraded") == 1
+    for name in ("a", "b"):
+        assert (await gw.admin.post(f"/admin/upstreams/{name}/drain", headers=AUTH)).status == 200
+    data = await (await gw.admin.get("/admin/redundancy")).json()
+    assert (data["level"], data["level_value"], data["routable"]) == ("none", 0, 0)
+    assert gw.sample("gateway_redundancy_level") == 0

@@ -22,6 +22,11 @@ class Cand:
     latency_s: float = 0.1
     rr_current: float = 0.0
     measured: bool = True
+    ramp: float = 1.0  # the slow-start factor
+
+    @property
+    def effective_weight(self) -> float:
+        return self.weight * self.ramp
 
 
 def names(seq: list[Cand]) -> str:

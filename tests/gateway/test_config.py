@@ -12,6 +12,7 @@ import pytest
 from gateway.config import (
     ConfigError,
     GatewaySettings,
+    HealthSettings,
     Strategy,
     UpstreamSettings,
     expand_env_refs,
@@ -423,3 +424,23 @@ def test_error_yaml_bad_value_names_field(tmp_path: Path) -> None:
 def test_upstream_settings_model_validates_directly() -> None:
     u = UpstreamSettings(url="http://h:5/")
     assert (u.name, u.url) == ("h:5", "http://h:5")
+
+
+def test_expected_statuses_accept_ints_ranges_and_an_env_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert HealthSettings().expected_statuses == frozenset(range(200, 300))
+    h = HealthSettings(expected_statuses=[200, "204-206", " 401 "])
+    assert h.expected_statuses == {200, 204, 205, 206, 401}
+    monkeypatch.setenv("GATEWAY_HEALTH__EXPECTED_STATUSES", "200-299,401")
+    monkeypatch.setenv("GATEWAY_UPSTREAMS", "http://127.0.0.1:1")
+    s = load_settings()
+    assert s.health.expected_statuses == frozenset(range(200, 300)) | {401}
+
+
+@pytest.mark.parametrize("bad", ["abc", "299-200", "99", "200-700", "", "2xx"])
+def test_expected_statuses_reject_bad_items_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("GATEWAY_HEALTH__EXPECTED_STATUSES", bad)
+    monkeypatch.setenv("GATEWAY_UPSTREAMS", "http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"health\.expected_statuses: .*GATEWAY_HEALTH__EXPECTED_STATUSES"):
+        load_settings()

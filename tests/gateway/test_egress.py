@@ -325,9 +325,9 @@ async def test_prober_uses_the_same_proxy_and_ca(
         {"name": "a", "url": a.url}, {"name": "t", "url": tls_url, "tls_ca_file": ca_file}
     )
     up_a, up_t = gw.state.pool.upstreams
-    assert (await gw.state.prober.check(up_a))[0] is True
-    ok, detail = await gw.state.prober.check(up_t)
-    assert ok, detail
+    assert (await gw.state.prober.check(up_a))[0].ok is True
+    verdict, detail = await gw.state.prober.check(up_t)
+    assert verdict.ok, detail
     seen = [(r.method, r.target, r.headers.get("proxy-authorization")) for r in proxy.requests]
     assert ("GET", f"{a.url}/health", AUTH) in seen
     assert ("CONNECT", tls_url.removeprefix("https://"), AUTH) in seen
@@ -342,7 +342,7 @@ async def test_no_proxy_bypasses_the_proxy(
     monkeypatch.setenv("no_proxy", "localhost,127.0.0.0/8")
     gw = await start_gateway({"name": "a", "url": a.url})
     assert await chat(gw, 2) == ["a", "a"]
-    assert (await gw.state.prober.check(gw.state.pool.upstreams[0]))[0] is True
+    assert (await gw.state.prober.check(gw.state.pool.upstreams[0]))[0].ok is True
     assert proxy.requests == [] and proxy.accepted == 0
 
 

@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from tests.conftest import StartGateway, StartMock
+from tests.conftest import AiohttpServer, StartGateway, StartMock
 
 
 async def test_failover_skips_refused_upstream(
@@ -289,8 +290,13 @@ async def test_ejection_and_recovery_through_active_checks(
 ) -> None:
     a = await start_mock("a", error_rate=1.0, error_status=500)
     b = await start_mock("b")
+    # Passing checks do not end the ejection by request failures: keep it short.
     gw = await start_gateway(
-        a.spec, b.spec, strategy="round_robin", health={"interval_s": 0.1, "jitter_ratio": 0.0}
+        a.spec,
+        b.spec,
+        strategy="round_robin",
+        health={"interval_s": 0.1, "jitter_ratio": 0.0},
+        outlier={"base_ejection_s": 0.5},
     )
     a.behaviour.healthy = False
     for _ in range(8):
@@ -303,20 +309,43 @@ async def test_ejection_and_recovery_through_active_checks(
     a.behaviour.healthy = True
     await _wait_for(lambda: pool.by_name["a"].health.state(clock()) == "healthy")
     before = a.stats.requests
-    for _ in range(6):
+    # Slow start: it comes back at a tenth of its weight, so it takes a few more to be picked.
+    for _ in range(30):
         await gw.client.post("/v1/chat/completions", json={})
     assert a.stats.requests > before
     events = (await (await gw.admin.get("/admin/events")).json())["events"]
     assert [e["to"] for e in events if e["upstream"] == "a"][-1] == "healthy"
 
 
-async def test_ejection_ended_early_by_passing_check(
+async def test_passing_check_does_not_end_an_ejection_by_default(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    # The mock answers /health with 200 while every inference request fails: a common failure.
+    a = await start_mock("a", error_rate=1.0, error_status=500)
+    b = await start_mock("b")
+    gw = await start_gateway(
+        a.spec, b.spec, strategy="priority", health={"interval_s": 0.05, "jitter_ratio": 0.0}
+    )
+    for _ in range(3):
+        assert (await gw.client.post("/v1/chat/completions", json={})).status == 200
+    pool, clock = gw.state.pool, gw.state.clock
+    checks = a.stats.health_checks
+    await _wait_for(lambda: a.stats.health_checks >= checks + 3, timeout_s=2)
+    assert pool.by_name["a"].health.state(clock()) == "ejected"
+    assert [e["to"] for e in gw.state.events if e["upstream"] == "a"] == ["ejected"]
+
+
+async def test_ejection_ended_early_by_passing_check_when_enabled(
     start_mock: StartMock, start_gateway: StartGateway
 ) -> None:
     a = await start_mock("a", error_rate=1.0, error_status=500)
     b = await start_mock("b")
     gw = await start_gateway(
-        a.spec, b.spec, strategy="priority", health={"interval_s": 0.2, "jitter_ratio": 0.0}
+        a.spec,
+        b.spec,
+        strategy="priority",
+        health={"interval_s": 0.2, "jitter_ratio": 0.0},
+        outlier={"uneject_on_health_check": True},
     )
     for _ in range(3):
         assert (await gw.client.post("/v1/chat/completions", json={})).status == 200
@@ -338,3 +367,30 @@ async def _wait_for(cond: Any, timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+async def test_health_path_answering_404_is_logged_once_as_misconfiguration(
+    aiohttp_server: AiohttpServer, start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    hits: list[str] = []
+
+    async def missing(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/health", missing)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    caplog.set_level("WARNING", logger="gateway.prober")
+    gw = await start_gateway(f"a={url}", health={"interval_s": 0.02, "jitter_ratio": 0.0})
+    await _wait_for(lambda: len(hits) >= 6, timeout_s=3)
+    warned = [r.getMessage() for r in caplog.records if "misconfigured" in r.getMessage()]
+    assert warned == [
+        f"health check of a is misconfigured: GET {url}/health answered 404: the health path is wrong "
+        "for this server: vLLM, TGI, SGLang and llama.cpp serve /health, LiteLLM /health/liveliness; "
+        "for a hosted API set health_path: null"
+    ]
+    view = (await (await gw.admin.get("/admin/upstreams")).json())["upstreams"][0]
+    assert view["health_check"]["misconfiguration"].startswith(f"GET {url}/health answered 404")
+    assert view["state"] == "unhealthy"  # it still fails: nothing proves the server works

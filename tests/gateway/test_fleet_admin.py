@@ -8,12 +8,14 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.policy.redundancy import Member, assess
 from gateway.workers.fleet_admin import (
     WorkerAnswer,
     merge_events,
     merge_metrics,
     merge_mutation,
     merge_readiness,
+    merge_redundancy,
     merge_upstreams,
     mutation_path,
 )
@@ -187,3 +189,22 @@ def test_merge_mutation_partial_application_is_502() -> None:
 def test_mutation_path_quotes_the_name() -> None:
     assert mutation_path("vllm-a", True) == "/admin/upstreams/vllm-a/drain"
     assert mutation_path("a/b", False) == "/admin/upstreams/a%2Fb/enable"
+
+
+def test_merge_redundancy_is_the_worst_worker_with_each_view() -> None:
+    good = assess([Member("a", 0, True), Member("b", 0, True)]).to_json()
+    thin = assess([Member("a", 0, True), Member("b", 0, False)]).to_json()
+    merged = merge_redundancy([WorkerAnswer(0, 10, 200, good), WorkerAnswer(1, 11, 200, thin)])
+    assert (merged["level"], merged["level_value"], merged["degraded"]) == ("single", 1, False)
+    assert [w["level"] for w in merged["workers"]] == ["dual", "single"]
+    assert merged["workers"][1]["pid"] == 11
+
+
+def test_merge_redundancy_silent_worker_makes_the_fleet_degraded() -> None:
+    good = assess([Member("a", 0, True), Member("b", 0, True)]).to_json()
+    merged = merge_redundancy([WorkerAnswer(0, 10, 200, good), WorkerAnswer(1, 11, error="no answer")])
+    assert merged["degraded"] and merged["level"] == "dual"
+    assert merged["reasons"] == ["worker(s) 1 did not answer"]
+    assert merged["workers"][1] == {"worker": 1, "pid": 11, "error": "no answer"}
+    nobody = merge_redundancy([WorkerAnswer(0, 10, error="down")])
+    assert (nobody["level"], nobody["degraded"]) == ("none", True)

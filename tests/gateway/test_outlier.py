@@ -170,8 +170,17 @@ def test_ejection_ended_early_by_successful_attempt() -> None:
     assert h.ejected_until is None
 
 
-def test_ejection_ended_early_by_passing_health_check() -> None:
+def test_passing_health_check_does_not_end_an_ejection_by_default() -> None:
     h = make()
+    fail(h, 0.0)
+    assert h.record_check(True, 4.0) is None
+    assert h.state(4.0) is State.EJECTED
+    assert h.record(Outcome.SUCCESS, 5.0) is not None  # a real success still does
+    assert h.routable(5.0)
+
+
+def test_ejection_ended_early_by_passing_health_check_when_enabled() -> None:
+    h = UpstreamHealth(OutlierSettings(uneject_on_health_check=True), HealthSettings())
     fail(h, 0.0)
     t = h.record_check(True, 4.0)
     assert t is not None

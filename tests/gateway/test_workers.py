@@ -239,6 +239,9 @@ async def test_workers_share_port_and_admin_answers_for_all(
     a_before = a.stats.requests
     assert await send_fresh(port, 10) == [200] * 10
     assert a.stats.requests == a_before
+    status, redundancy = await admin(admin_port, "GET", "/admin/redundancy")
+    assert status == 200 and (redundancy["level"], redundancy["degraded"]) == ("single", False)
+    assert [(w["worker"], w["level"]) for w in redundancy["workers"]] == [(0, "single"), (1, "single")]
     status, events = await admin(admin_port, "GET", "/admin/events")
     drained = [(e["worker"], e["upstream"], e["to"]) for e in events["events"]]
     assert sorted(drained) == [(0, "a", "drained"), (1, "a", "drained")]
@@ -310,3 +313,52 @@ def test_cli_workers_port_in_use_exits_with_one_line(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("gateway: cannot listen: ") and "in use" in lines[0]
+
+
+async def test_workers_share_an_ejection_within_100_ms(gateways: Gateways, start_mock: StartMock) -> None:
+    a = await start_mock("a", error_rate=1.0, error_status=500)
+    b = await start_mock("b")
+    _, port, admin_port = await gateways.start([a, b], "--workers", "3", "--strategy", "priority")
+
+    async def a_ejected_in() -> list[int]:
+        _, events = await admin(admin_port, "GET", "/admin/events")
+        return sorted(
+            {e["worker"] for e in events["events"] if e["upstream"] == "a" and e["to"] == "ejected"}
+        )
+
+    # Every request tries a first (priority) and is answered by b; a worker's third failure ejects a.
+    for _ in range(12):
+        assert await send_fresh(port, 1) == [200]
+        if await a_ejected_in():
+            break
+    await wait_for("every worker has a ejected", lambda: _all(a_ejected_in), within_s=2)
+    _, events = await admin(admin_port, "GET", "/admin/events")
+    ejected = [e for e in events["events"] if e["upstream"] == "a" and e["to"] == "ejected"]
+    own = [e for e in ejected if e["reason"].startswith("3 consecutive failures")]
+    adopted = [e for e in ejected if e["reason"] == "ejected by another worker"]
+    assert len(own) == 1 and len(adopted) == 2, ejected
+    lag_s = max(e["time"] for e in adopted) - own[0]["time"]
+    print(f"ejection reached the other 2 workers {lag_s * 1000:.1f} ms after the first")
+    assert 0 <= lag_s < 0.1
+    # Fewer than 3 x 3 failures: the first ejection stopped the others from trying a any more.
+    failures = a.stats.requests
+    print(f"failed attempts on a before every worker stopped: {failures}")
+    assert failures < 3 * 3
+    assert await send_fresh(port, 20) == [200] * 20
+    assert a.stats.requests == failures
+
+    # A replacement worker starts with the ejections still in force.
+    old_pid = (await worker_pids(admin_port))[1]
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def replaced_and_caught_up() -> bool:
+        status, data = await admin(admin_port, "GET", "/admin/upstreams")
+        if status != 200 or "upstreams" not in data["workers"][1] or data["workers"][1]["pid"] == old_pid:
+            return False
+        return bool({u["name"]: u["state"] for u in data["workers"][1]["upstreams"]}["a"] == "ejected")
+
+    await wait_for("the replacement has a ejected", replaced_and_caught_up, within_s=10)
+
+
+async def _all(check: Any) -> bool:
+    return bool(await check() == [0, 1, 2])
